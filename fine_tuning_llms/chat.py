@@ -1,0 +1,252 @@
+"""Chat templating and assistant-only labels, for any chat template (no generation tags needed).
+
+The idea: render the conversation with the tokenizer's own ``apply_chat_template`` (what
+inference will see), then find each assistant reply's characters by rendering prefixes:
+
+    prefix_i = render(messages[:i], add_generation_prompt=True)   # ...<|im_start|>assistant\n
+    upto_i   = render(messages[:i + 1])                           # ...reply<|im_end|>\n
+
+The reply, *with* its end-of-turn token, is ``full[len(prefix_i):len(upto_i)]`` minus trailing
+whitespace (the newline after ``<|im_end|>`` is template glue, not something to learn). Tokens
+whose character offsets touch such a span are trained; everything else gets label -100.
+Padding is masked through the attention mask, never by token id, so pad == eos cannot hide
+the end-of-turn token that teaches the model to stop.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer, option: Optional[str]) -> None:
+    """Install --chat_template ('chatml' or a Jinja file) or leave the tokenizer's own."""
+    if option:
+        if option == "chatml":
+            tokenizer.chat_template = CHATML_TEMPLATE
+        else:
+            path = Path(option)
+            if not path.is_file():
+                raise UserError(f"--chat_template {option}: not 'chatml' and no such file; pass chatml or a Jinja file")
+            tokenizer.chat_template = path.read_text(encoding="utf-8")
+    # Without a template there is nothing to check yet: tasks that need one call require_chat_template.
+
+
+def require_chat_template(tokenizer, name: str = "this tokenizer") -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{name} has no chat template; pass --chat_template chatml or --chat_template path/to/template.jinja")
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token if it has none.
+
+    Reusing eos is safe *here* because labels are masked by the attention mask, not by the pad
+    id; we log it because elsewhere (collators that mask pad ids) it silently removes the stop
+    signal from training.
+    """
+    if tokenizer.pad_token_id is None:
+        if tokenizer.unk_token_id is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        elif tokenizer.eos_token_id is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+            log.info("Tokenizer has no pad token: padding with eos %r (labels are masked by the attention "
+                     "mask, so end-of-turn tokens are still trained).", tokenizer.eos_token)
+        else:
+            raise UserError("the tokenizer has neither pad, unk nor eos token; add one with --new_tokens")
+
+
+def render(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja raise_exception() from templates that reject a conversation shape
+        raise UserError(f"the chat template rejected a conversation ({str(exc).splitlines()[0][:160]}); "
+                        "check the roles and their order") from None
+
+
+def template_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+@dataclass
+class TemplateReport:
+    """What we noticed while rendering: shown once, not once per conversation."""
+
+    prefix_mismatches: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def warn_once(self, tokenizer) -> None:
+        if self.prefix_mismatches:
+            log.warning("Chat template of %s re-renders earlier turns differently in %d assistant turn(s) "
+                        "(rendered prompt is not a prefix of prompt+answer); those replies were located by "
+                        "searching their text instead. Training and inference may see different prompts.",
+                        template_name(tokenizer), self.prefix_mismatches)
+
+
+def _eot_strings(tokenizer) -> list[str]:
+    """Special tokens that may close a turn: eos plus every added special token."""
+    candidates = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return sorted((c for c in candidates if c), key=len, reverse=True)
+
+
+def assistant_char_spans(tokenizer, messages: Sequence[dict], *, train_on: str = "all",
+                         report: Optional[TemplateReport] = None) -> tuple[str, list[tuple[int, int]]]:
+    """Render ``messages`` and return (text, [(start, end) char span of each trained reply])."""
+    full = render(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render(tokenizer, messages[: i + 1])
+        if full.startswith(prefix) and full.startswith(upto) and len(prefix) >= cursor and len(upto) > len(prefix):
+            start, end = len(prefix), len(upto)
+        else:
+            # The template renders history differently from the last turn (e.g. drops reasoning):
+            # find the reply's own text, then take the end-of-turn token right after it.
+            if report is not None:
+                report.prefix_mismatches += 1
+            start = full.find(message["content"], cursor)
+            if start < 0:
+                raise UserError(f"could not locate an assistant reply in the rendered conversation of "
+                                f"{template_name(tokenizer)}; use a template that renders replies verbatim")
+            end = start + len(message["content"])
+            rest = full[end:]
+            stripped = rest.lstrip(" ")
+            for eot in _eot_strings(tokenizer):
+                if stripped.startswith(eot):
+                    end += len(rest) - len(stripped) + len(eot)
+                    break
+        while end > start and full[end - 1].isspace():
+            end -= 1  # template glue after the end-of-turn token is not part of the reply
+        spans.append((start, end))
+        cursor = end
+    if train_on == "last":
+        spans = spans[-1:]
+    return full, spans
+
+
+@dataclass
+class EncodedConversation:
+    input_ids: list[int]
+    labels: list[int]          # IGNORE_INDEX where not trained
+    text: str
+    truncated: bool = False
+
+    @property
+    def assistant_mask(self) -> list[int]:
+        return [int(label != IGNORE_INDEX) for label in self.labels]
+
+    @property
+    def trained_token_count(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """1 for every token whose characters overlap a trained span."""
+    mask = []
+    for s, e in offsets:
+        hit = e > s and any(s < span_end and e > span_start for span_start, span_end in spans)
+        mask.append(int(hit))
+    return mask
+
+
+def encode_conversation(tokenizer, messages: Sequence[dict], *, max_length: Optional[int] = None,
+                        train_on: str = "all", report: Optional[TemplateReport] = None) -> Optional[EncodedConversation]:
+    """Template + tokenize + label one conversation; None when truncation would leave nothing trained."""
+    text, spans = assistant_char_spans(tokenizer, messages, train_on=train_on, report=report)
+    # add_special_tokens=False: the template already wrote any BOS it wants (no double BOS), and
+    # this is exactly what apply_chat_template(tokenize=True) feeds the model at inference.
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = mask_from_offsets(enc["offset_mapping"], spans)
+    return _finish(enc["input_ids"], mask, text, max_length)
+
+
+def _finish(ids: list[int], mask: list[int], text: str, max_length: Optional[int]) -> Optional[EncodedConversation]:
+    truncated = False
+    if max_length is not None and len(ids) > max_length:
+        ids, mask, truncated = ids[:max_length], mask[:max_length], True
+        if not any(mask):
+            return None
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    return EncodedConversation(input_ids=list(ids), labels=labels, text=text, truncated=truncated)
+
+
+def encode_many(tokenizer, conversations: Sequence[Sequence[dict]], *, max_length: Optional[int] = None,
+                train_on: str = "all", report: Optional[TemplateReport] = None) -> list[Optional[EncodedConversation]]:
+    """Batched version of encode_conversation: one fast-tokenizer call for all texts."""
+    rendered = [assistant_char_spans(tokenizer, m, train_on=train_on, report=report) for m in conversations]
+    if not rendered:
+        return []
+    enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for (text, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+        out.append(_finish(ids, mask_from_offsets(offsets, spans), text, max_length))
+    return out
+
+
+def pad_batch(examples: Sequence[dict], pad_token_id: int, *, pad_to_multiple_of: Optional[int] = None,
+              padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Collate {"input_ids", "labels"} lists into tensors; padding gets label -100 by position."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        sl = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
+        ids[row, sl] = torch.tensor(e["input_ids"], dtype=torch.long)
+        labels[row, sl] = torch.tensor(e["labels"], dtype=torch.long)
+        attention[row, sl] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+def use_colour(stream=None) -> bool:
+    stream = stream or sys.stdout
+    return "NO_COLOR" not in os.environ and hasattr(stream, "isatty") and stream.isatty()
+
+
+def mask_view(tokenizer, example: EncodedConversation, *, colour: Optional[bool] = None) -> str:
+    """The lesson's picture: the rendered conversation with trained tokens highlighted.
+
+    Colour: trained tokens on a green background. Plain fallback: trained runs in ⟦ ⟧.
+    """
+    colour = use_colour() if colour is None else colour
+    on, off = ("\x1b[42;30m", "\x1b[0m") if colour else ("⟦", "⟧")
+    pieces, inside = [], False
+    for token_id, trained in zip(example.input_ids, example.assistant_mask):
+        piece = tokenizer.decode([token_id])
+        if trained and not inside:
+            pieces.append(on)
+        elif not trained and inside:
+            pieces.append(off)
+        inside = bool(trained)
+        pieces.append(piece)
+    if inside:
+        pieces.append(off)
+    return "".join(pieces)
+
+
+def generation_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation rendered for the model to answer next (inference)."""
+    require_chat_template(tokenizer)
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

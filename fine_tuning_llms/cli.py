@@ -1,0 +1,205 @@
+"""Command line: the only place that parses argv and turns errors into exit codes.
+
+    python run_fine_tuning.py                      # every task, embedded model, sample data
+    python run_fine_tuning.py --task preprocess    # one task
+    python run_fine_tuning.py --config run.yaml --lr 1e-4
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+from dataclasses import MISSING
+from pathlib import Path
+from typing import Optional, Sequence, get_args, get_origin
+
+import yaml
+
+from .config import TASKS_IN_ORDER, Config, group_fields
+from .errors import UserError
+
+log = logging.getLogger("fine_tuning_llms")
+
+# Task name -> module whose run(config) performs it. Only built tasks are listed (no stubs).
+TASK_MODULES = {
+    "special_tokens": "fine_tuning_llms.special_tokens",
+    "preprocess": "fine_tuning_llms.data_preprocessing",
+    "explain": "fine_tuning_llms.trainer_explained",
+    "train": "fine_tuning_llms.fine_tuning",
+    "compare": "fine_tuning_llms.model_comparison",
+    "chat": "fine_tuning_llms.chat_cli",
+    "report": "fine_tuning_llms.report",
+}
+# Tasks that `--task all` runs, in order: each feeds the next (train uses the processed data,
+# compare includes the adapter that train just wrote).
+ALL_ORDER = TASKS_IN_ORDER
+
+
+def available_tasks() -> dict[str, str]:
+    """Tasks whose module exists in this install."""
+    out = {}
+    for name, module in TASK_MODULES.items():
+        if importlib.util.find_spec(module) is not None:
+            out[name] = module
+    return out
+
+
+def _bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    tasks = available_tasks()
+    parser = argparse.ArgumentParser(
+        prog="run_fine_tuning.py",
+        description="Fine-tune Llama-family chat models with transformers + PEFT (LoRA/QLoRA). "
+        "Runs offline on the embedded SmolLM2-135M-Instruct by default.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    groups = {}
+    for group, f in group_fields():
+        if group not in groups:
+            groups[group] = parser.add_argument_group(f"{group} settings")
+        kwargs: dict = {"help": f.metadata.get("help", ""), "dest": f.name}
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs["default"] = default
+        if f.name == "task":
+            choices = ["all"] + [t for t in TASK_MODULES if t in tasks]
+            kwargs["choices"] = choices
+            kwargs["help"] += " Offered: " + ", ".join(choices) + "."
+        elif "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        ftype = f.type if not isinstance(f.type, str) else eval(f.type, {"Optional": Optional})  # noqa: S307
+        if get_origin(ftype) is not None and type(None) in get_args(ftype):
+            ftype = [a for a in get_args(ftype) if a is not type(None)][0]
+        if ftype is bool:
+            # --load_8bit alone turns it on; --load_8bit false turns it off (needed over YAML).
+            kwargs.update(nargs="?", const=True, type=_bool)
+        elif get_origin(ftype) is list or ftype is list:
+            kwargs.update(nargs=f.metadata.get("nargs", "*"), type=str)
+        else:
+            kwargs["type"] = ftype
+        groups[group].add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def load_yaml_defaults(path: str) -> dict:
+    """Read a flat YAML settings file with safe_load (never executes tags)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: file not found; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"--config {path}: not valid YAML ({first}); fix the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of flag names to values")
+    known = {f.name for _, f in group_fields()}
+    unknown = sorted(set(data) - known - {"config"})
+    if unknown:
+        raise UserError(f"--config {path}: unknown settings {unknown}; use flag names from --help")
+    return data
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        defaults = load_yaml_defaults(args.config)
+        parser.set_defaults(**defaults)
+        args = parser.parse_args(argv)  # flags given on the command line win over the file
+    cfg = Config()
+    for group, f in group_fields():
+        setattr(getattr(cfg, group), f.name, getattr(args, f.name))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check every setting up front and report all problems at once (exit 2)."""
+    problems = []
+    t, d, m = cfg.train, cfg.data, cfg.model
+    for name in ("lr", "batch_size", "epochs", "lora_r", "grad_accum", "save_steps", "logging_steps"):
+        if getattr(t, name) <= 0:
+            problems.append(f"--{name} must be positive (got {getattr(t, name)})")
+    if t.lora_alpha is not None and t.lora_alpha <= 0:
+        problems.append(f"--lora_alpha must be positive (got {t.lora_alpha})")
+    if not 0 <= t.lora_dropout < 1:
+        problems.append(f"--lora_dropout must be in [0, 1) (got {t.lora_dropout})")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"--warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
+    if t.max_steps == 0 or t.max_steps < -1:
+        problems.append(f"--max_steps must be positive or -1 (got {t.max_steps})")
+    if m.load_8bit and m.load_4bit:
+        problems.append("--load_8bit and --load_4bit exclude each other; pick one")
+    if d.max_length < 16:
+        problems.append(f"--max_length {d.max_length} is too short for any chat template; use at least 64")
+    if not 0 <= d.eval_ratio < 1:
+        problems.append(f"--eval_ratio must be in [0, 1) (got {d.eval_ratio})")
+    if d.max_examples is not None and d.max_examples <= 0:
+        problems.append(f"--max_examples must be positive (got {d.max_examples})")
+    if d.dataset_path and d.dataset:
+        problems.append("give --dataset_path or --dataset, not both")
+    for flag in ("dataset_path", "eval_path"):
+        value = getattr(d, flag)
+        if value:
+            p = Path(value)
+            if p.is_dir():
+                problems.append(f"--{flag} {value} is a directory; pass a .json or .jsonl file")
+            elif not p.exists():
+                problems.append(f"--{flag} {value} does not exist; check the path")
+    out = Path(cfg.run.output_dir)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and (not probe.is_dir() or not os.access(probe, os.W_OK)):
+        problems.append(f"--output_dir {out} is not writable; choose another folder")
+    if problems:
+        raise UserError(problems)
+
+
+def run_tasks(cfg: Config) -> dict:
+    tasks = available_tasks()
+    names = [n for n in ALL_ORDER if n in tasks] if cfg.run.task == "all" else [cfg.run.task]
+    results = {}
+    for i, name in enumerate(names, 1):
+        log.info("=== [%d/%d] task %s ===", i, len(names), name)
+        start = time.perf_counter()
+        module = importlib.import_module(tasks[name])
+        results[name] = module.run(cfg)
+        log.info("=== task %s done in %.1f s ===", name, time.perf_counter() - start)
+    if cfg.run.task == "all" and "report" in tasks:
+        importlib.import_module(tasks["report"]).run(cfg)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cfg = parse_config(argv)
+        run_tasks(cfg)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs were kept; partial files were not written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

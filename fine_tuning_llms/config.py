@@ -1,0 +1,135 @@
+"""Typed settings for every task: one dataclass per concern, filled by CLI flags and YAML.
+
+Each field's ``metadata["help"]`` is its ``--help`` text; the flag is ``--<field name>``.
+Field names are unique across the groups so a flat YAML file (``--config run.yaml``) maps
+onto them one to one. Precedence: dataclass default < YAML file < command-line flag.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+TASKS_IN_ORDER = ("special_tokens", "preprocess", "explain", "train", "compare")
+
+
+def _f(default, help: str, **extra):  # noqa: A002 - "help" mirrors argparse
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ModelConfig:
+    model: str = _f(EMBEDDED_MODEL, "Model to use: 'smollm2-135m-instruct' (embedded, offline), a local "
+                    "model folder, a local .gguf file, or a hub id such as meta-llama/Llama-3.2-1B-Instruct.")
+    dtype: str = _f("auto", "Weight dtype: auto (bfloat16/float16 on CUDA, float32 on CPU), float32, bfloat16.",
+                    choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = _f("auto", "Device: auto (CUDA when present, else CPU), cpu, cuda.", choices=["auto", "cpu", "cuda"])
+    load_8bit: bool = _f(False, "Load the base model in 8-bit with bitsandbytes (LoRA on top).")
+    load_4bit: bool = _f(False, "Load the base model in 4-bit nf4 with bitsandbytes (QLoRA).")
+    trust_remote_code: bool = _f(False, "Allow model code from the model folder/hub to run. Off by default: only "
+                                 "turn it on for models you trust.")
+    allow_pickle: bool = _f(False, "Allow loading pickle (.bin) weights. Off by default: pickle can run code; "
+                            "safetensors cannot.")
+    chat_template: Optional[str] = _f(None, "Chat template for tokenizers without one: 'chatml' or a path to a "
+                                      "Jinja file.")
+
+
+@dataclass
+class DataConfig:
+    dataset_path: Optional[str] = _f(None, "Training conversations: a JSON array or JSONL file. Default: the "
+                                     "sample dataset shipped with the package.")
+    dataset: Optional[str] = _f(None, "A dataset id for the `datasets` library (local cache, or hub when reachable).")
+    dataset_split: str = _f("train", "Split of --dataset to use.")
+    dataset_config: Optional[str] = _f(None, "Configuration name of --dataset.")
+    data_format: str = _f("auto", "Record format: auto, messages (OpenAI role/content), sharegpt (from/value), "
+                          "alpaca (instruction/input/output), prompt_completion.",
+                          choices=["auto", "messages", "sharegpt", "alpaca", "prompt_completion"])
+    skip_invalid: bool = _f(False, "Skip invalid records (and report how many and why) instead of stopping.")
+    train_on: str = _f("all", "Which assistant replies get labels: all, or only the last one.", choices=["all", "last"])
+    system_prompt: Optional[str] = _f(None, "System prompt for conversations that have none. Default: keep the "
+                                      "template's behaviour (SmolLM2's template injects its own default).")
+    max_length: int = _f(512, "Maximum tokens per conversation; longer ones are truncated (keeping trained "
+                         "assistant tokens) or dropped.")
+    eval_path: Optional[str] = _f(None, "Held-out conversations (JSON/JSONL). Default: the sample dataset's "
+                                  "held-out split, or --eval_ratio of the training data.")
+    eval_ratio: float = _f(0.1, "Share of the training data held out for evaluation when no --eval_path is given.")
+    max_examples: Optional[int] = _f(None, "Use at most this many training conversations (quick runs).")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = _f(2.0, "Training epochs.")
+    batch_size: int = _f(8, "Conversations per device per step.")
+    grad_accum: int = _f(1, "Gradient accumulation steps (effective batch = batch_size x grad_accum x processes).")
+    lr: float = _f(2e-4, "Peak learning rate. 2e-4 suits LoRA (the full-fine-tuning default 5e-5 barely moves "
+                   "a low-rank adapter in a short run).")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: Optional[int] = _f(None, "LoRA alpha (default: 2 x lora_r).")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    target_modules: str = _f("all-linear", "Modules that get LoRA adapters: 'all-linear' or a comma list such "
+                             "as q_proj,v_proj.")
+    use_dora: bool = _f(False, "Use DoRA (weight-decomposed LoRA).")
+    use_rslora: bool = _f(False, "Use rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run the epochs).")
+    warmup_ratio: float = _f(0.05, "Share of steps used for linear learning-rate warm-up.")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warm-up (transformers name): cosine, linear, "
+                           "constant_with_warmup, ...")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    seed: int = _f(42, "Random seed (data order, LoRA init, sampling).")
+    save_steps: int = _f(50, "Save a checkpoint every N optimizer steps.")
+    logging_steps: int = _f(5, "Log loss / lr / grad norm every N optimizer steps.")
+    resume_from_checkpoint: Optional[str] = _f(None, "Continue a run: a checkpoint folder, or 'auto' for the "
+                                               "newest under --output_dir.")
+    merge: bool = _f(False, "Also write final_model_merged/: the base model with the adapter merged in.")
+    overwrite_output_dir: bool = _f(False, "Allow replacing an existing final_model/ in --output_dir.")
+    new_tokens: list[str] = _f([], "Special tokens to add before training; their embedding rows are trained "
+                               "(PEFT trainable_token_indices).", nargs="*")
+
+
+@dataclass
+class CompareConfig:
+    base_model: Optional[str] = _f(None, "Base (non-instruct) model for the comparison, e.g. meta-llama/Llama-3.2-1B. "
+                                   "None offline: the task then says what it compares instead.")
+    instruct_model: Optional[str] = _f(None, "Instruct model for the comparison (default: --model).")
+    adapter: Optional[str] = _f(None, "A fine-tuned adapter folder (final_model/) to add to the comparison or chat.")
+    questions: Optional[str] = _f(None, "Questions file (.txt one per line, or .json list). Default: built-in set.")
+    max_new_tokens: int = _f(64, "Maximum new tokens per answer.")
+    do_sample: bool = _f(False, "Sample instead of greedy decoding.")
+    temperature: float = _f(0.7, "Sampling temperature (with --do_sample).")
+
+
+@dataclass
+class RunConfig:
+    task: str = _f("all", "Task to run; 'all' runs every task in order, each feeding the next.")
+    output_dir: str = _f("./results", "Folder for every output of the run.")
+    config: Optional[str] = _f(None, "YAML file with settings (flat keys = flag names); flags override it.")
+    debug: bool = _f(False, "Show full tracebacks for errors.")
+
+
+@dataclass
+class Config:
+    """All settings of one run, grouped. Tasks read the group they need."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+
+    GROUPS = ("run", "model", "data", "train", "compare")
+
+    def to_dict(self) -> dict:
+        """Flat {flag: value} view: what is saved next to outputs (no secrets are ever fields)."""
+        out = {}
+        for group in self.GROUPS:
+            obj = getattr(self, group)
+            for f in fields(obj):
+                out[f.name] = getattr(obj, f.name)
+        return out
+
+
+def group_fields() -> list[tuple[str, "object"]]:
+    """(group name, dataclass field) for every setting, in --help order."""
+    return [(g, f) for g in Config.GROUPS for f in fields(type(getattr(Config(), g)))]

@@ -98,6 +98,7 @@ class CompareConfig:
     max_new_tokens: int = _f(64, "Maximum new tokens per answer.")
     do_sample: bool = _f(False, "Sample instead of greedy decoding.")
     temperature: float = _f(0.7, "Sampling temperature (with --do_sample).")
+    prompt: Optional[str] = _f(None, "One-shot prompt for --task chat (without it, chat is interactive).")
 
 
 @dataclass

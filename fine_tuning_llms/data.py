@@ -219,12 +219,12 @@ def parse_records(records: Iterable[tuple[str, Any]], *, data_format: str = "aut
                   source: str = "") -> LoadedData:
     conversations: list[Conversation] = []
     skipped: Counter = Counter()
-    fmt = data_format
+    formats: Counter = Counter()
     for location, record in records:
         try:
-            if fmt == "auto":
-                fmt = detect_format(record)
+            fmt = detect_format(record) if data_format == "auto" else data_format
             conversations.append(to_conversation(record, fmt))
+            formats[fmt] += 1
         except InvalidRecord as exc:
             if not skip_invalid:
                 raise UserError(f"{location}: {exc} (fix it, or pass --skip_invalid to skip such records)") from None
@@ -234,7 +234,8 @@ def parse_records(records: Iterable[tuple[str, Any]], *, data_format: str = "aut
                     "; ".join(f"{n}x {why}" for why, n in skipped.most_common(5)))
     if not conversations:
         raise UserError(f"{source or 'dataset'}: no usable conversations; check the file's format")
-    return LoadedData(conversations=conversations, source=source, data_format=fmt, skipped=skipped)
+    return LoadedData(conversations=conversations, source=source, skipped=skipped,
+                      data_format="+".join(f for f, _ in formats.most_common()))
 
 
 def load_conversations(path: str | Path, *, data_format: str = "auto", skip_invalid: bool = False) -> LoadedData:

@@ -1,0 +1,165 @@
+"""Lesson 3: conversations → chat template → input ids + assistant-only labels.
+
+    python run_fine_tuning.py --task preprocess [--dataset_path my.jsonl] [--max_length 512]
+
+Writes ``processed_conversations.json`` (per example: rendered text, input ids, labels, counts;
+plus a summary) and ``token_lengths.png``, and prints the mask view of a few examples: trained
+tokens highlighted (green, or ⟦ ⟧ without colour).
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from . import chat
+from .artefacts import atomic_write_json
+from .config import Config
+from .data import Conversation, load_train_eval
+from .models import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FILE = "processed_conversations.json"
+CHUNK = 256  # conversations per batched tokenizer call
+
+
+@dataclass
+class ProcessedData:
+    examples: list[dict]                  # {"input_ids", "labels", "text", "truncated"}
+    kept: int = 0
+    dropped: int = 0
+    truncated: int = 0
+    template_warnings: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        total_tokens = sum(self.lengths)
+        trained = sum(sum(l != chat.IGNORE_INDEX for l in e["labels"]) for e in self.examples)
+        return {
+            "examples_kept": self.kept,
+            "examples_dropped_too_long": self.dropped,
+            "examples_truncated": self.truncated,
+            "total_tokens": total_tokens,
+            "trained_tokens": trained,
+            "share_of_tokens_trained": round(trained / total_tokens, 4) if total_tokens else 0.0,
+            "length_percentiles": percentiles(self.lengths),
+            "template_prefix_mismatches": self.template_warnings,
+        }
+
+
+def percentiles(values: Sequence[int]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pick(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    return {"min": ordered[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1],
+            "mean": round(statistics.fmean(ordered), 1)}
+
+
+def tokenize_conversations(tokenizer, conversations: Sequence[Conversation], *, max_length: Optional[int],
+                           train_on: str = "all", desc: str = "Tokenizing", progress: bool = True) -> ProcessedData:
+    """Template, tokenize and label conversations in chunks (batched fast-tokenizer calls)."""
+    chat.require_chat_template(tokenizer)
+    report = chat.TemplateReport()
+    out = ProcessedData(examples=[])
+    bar = tqdm(total=len(conversations), desc=desc, unit="conv", disable=not progress or len(conversations) < 500)
+    for start in range(0, len(conversations), CHUNK):
+        batch = conversations[start:start + CHUNK]
+        for encoded in chat.encode_many(tokenizer, batch, max_length=max_length, train_on=train_on, report=report):
+            if encoded is None:
+                out.dropped += 1
+                continue
+            out.kept += 1
+            out.truncated += int(encoded.truncated)
+            out.lengths.append(len(encoded.input_ids))
+            out.examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels,
+                                 "text": encoded.text, "truncated": encoded.truncated})
+        bar.update(len(batch))
+    bar.close()
+    report.warn_once(tokenizer)
+    out.template_warnings = report.prefix_mismatches
+    return out
+
+
+def template_facts(tokenizer) -> dict:
+    """What the template does on its own: default system prompt, BOS, end-of-turn text."""
+    probe = [{"role": "user", "content": "PROBE"}]
+    rendered = chat.render(tokenizer, probe)
+    with_answer = chat.render(tokenizer, probe + [{"role": "assistant", "content": "ANSWER"}])
+    injected = rendered.split("PROBE")[0]
+    after_answer = with_answer.split("ANSWER", 1)[1]
+    return {
+        "injects_default_system_prompt": "system" in injected.lower(),
+        "text_before_first_user_message": injected,
+        "text_after_assistant_reply": after_answer,
+        "bos_in_template": bool(tokenizer.bos_token) and rendered.startswith(tokenizer.bos_token),
+        "pad_equals_eos": tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id,
+    }
+
+
+def run(cfg: Config) -> dict:
+    tokenizer = load_tokenizer(cfg.model)
+    chat.require_chat_template(tokenizer, cfg.model.model)
+    data = load_train_eval(cfg.data)
+    convs = data.train.conversations
+    log.info("Read %d conversations (%s format) from %s; held-out: %d (%s)", len(convs), data.train.data_format,
+             data.train.source, len(data.eval), data.eval_source)
+    facts = template_facts(tokenizer)
+    if facts["injects_default_system_prompt"] and not cfg.data.system_prompt:
+        log.info("Note: this chat template injects its own default system prompt when a conversation has none:\n  %r\n"
+                 "  Training sees it, and so does inference. Pass --system_prompt \"...\" to use your own.",
+                 facts["text_before_first_user_message"].strip())
+    processed = tokenize_conversations(tokenizer, convs, max_length=cfg.data.max_length, train_on=cfg.data.train_on)
+    summary = processed.summary()
+    summary.update(source=data.train.source, data_format=data.train.data_format,
+                   skipped_invalid=dict(data.train.skipped), max_length=cfg.data.max_length,
+                   train_on=cfg.data.train_on, template=facts, model=cfg.model.model)
+    if not processed.examples:
+        from .errors import UserError
+        raise UserError(f"every conversation is longer than --max_length {cfg.data.max_length} before its first "
+                        "assistant token; raise --max_length")
+    show_examples(tokenizer, processed, n=2)
+    log_summary(summary)
+    out_dir = cfg.run.output_dir
+    path = atomic_write_json(f"{out_dir}/{OUTPUT_FILE}", {"summary": summary, "examples": processed.examples},
+                             indent=None)
+    from .plots import histogram
+    histogram(f"{out_dir}/token_lengths.png", processed.lengths, title="Tokens per conversation (after template)",
+              xlabel="tokens", vline=cfg.data.max_length, vline_label="--max_length")
+    log.info("Wrote %s and token_lengths.png", path)
+    return {"summary": summary, "path": str(path)}
+
+
+def trained_runs(labels: Sequence[int]) -> int:
+    """Number of separate trained spans (one per assistant reply)."""
+    runs, inside = 0, False
+    for label in labels:
+        trained = label != chat.IGNORE_INDEX
+        runs += trained and not inside
+        inside = trained
+    return runs
+
+
+def show_examples(tokenizer, processed: ProcessedData, *, n: int = 2) -> None:
+    # Multi-turn examples first: they show that every reply, and only replies, is trained.
+    order = sorted(range(len(processed.examples)), key=lambda i: -trained_runs(processed.examples[i]["labels"]))
+    legend = "green = trained" if chat.use_colour() else "⟦…⟧ = trained"
+    for i in sorted(order[:n]):
+        e = processed.examples[i]
+        enc = chat.EncodedConversation(input_ids=e["input_ids"], labels=e["labels"], text=e["text"])
+        log.info("--- example %d: %d tokens, %d trained (%s) ---\n%s", i, len(enc.input_ids), enc.trained_token_count,
+                 legend, chat.mask_view(tokenizer, enc))
+
+
+def log_summary(summary: dict) -> None:
+    p = summary["length_percentiles"]
+    log.info("Kept %d, dropped %d (too long), truncated %d; tokens p50 %s / p90 %s / max %s; %.1f%% of tokens trained.",
+             summary["examples_kept"], summary["examples_dropped_too_long"], summary["examples_truncated"],
+             p.get("p50"), p.get("p90"), p.get("max"), 100 * summary["share_of_tokens_trained"])

@@ -1,0 +1,290 @@
+"""Lesson 4: LoRA / QLoRA fine-tuning with PEFT and the HF Trainer.
+
+    python run_fine_tuning.py --task train [--dataset_path my.jsonl] [--load_4bit] [--merge]
+    torchrun --nproc_per_node 2 run_fine_tuning.py --task train      # data parallel
+
+Flow: load model + tokenizer → template and label the data (assistant tokens only) → wrap the
+model in LoRA → held-out loss and answers *before* → Trainer.train() with checkpoints →
+held-out loss and answers *after* → final_model/ (adapter, tokenizer, config, metrics), plots.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import chat
+from .artefacts import atomic_directory, atomic_write_json, package_versions
+from .config import Config
+from .data import load_train_eval
+from .data_preprocessing import tokenize_conversations
+from .errors import UserError
+from .models import count_parameters, load_model, load_tokenizer, pick_device, resolve_model
+from .training import (ChatTrainer, CompleteCheckpointCallback, ExampleDataset, NonFiniteLossError, PadCollator,
+                       TrainingLogCallback, complete_checkpoints, cpu_supports_bf16, mean_eval_loss, perplexity)
+
+log = logging.getLogger(__name__)
+
+SIGN_OFF = "— Lumi"          # what the sample dataset teaches (fine_tuning_llms/data/README.md)
+MAX_ANSWER_PROMPTS = 40     # held-out prompts answered before and after training
+ANSWER_TOKENS = 48
+
+
+def check_output_dir(cfg: Config) -> Path:
+    out = Path(cfg.run.output_dir)
+    final = out / "final_model"
+    if final.exists() and not cfg.train.overwrite_output_dir and not cfg.train.resume_from_checkpoint:
+        raise UserError(f"{final} already exists; pass --overwrite_output_dir to replace it or choose another "
+                        "--output_dir")
+    return out
+
+
+def resolve_resume(cfg: Config, checkpoints_dir: Path) -> Optional[str]:
+    option = cfg.train.resume_from_checkpoint
+    if not option:
+        return None
+    if option == "auto":
+        done = complete_checkpoints(checkpoints_dir)
+        if not done:
+            log.info("--resume_from_checkpoint auto: no complete checkpoint in %s, starting fresh", checkpoints_dir)
+            return None
+        log.info("Resuming from %s", done[-1])
+        return str(done[-1])
+    path = Path(option)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"--resume_from_checkpoint {option} is not a complete checkpoint folder; pass a "
+                        f"checkpoint-N folder or 'auto'")
+    return str(path)
+
+
+def lora_config(cfg: Config, extra: Optional[dict] = None):
+    from peft import LoraConfig
+
+    t = cfg.train
+    targets = "all-linear" if t.target_modules == "all-linear" else [m.strip() for m in t.target_modules.split(",") if m.strip()]
+    return LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha or 2 * t.lora_r, lora_dropout=t.lora_dropout,
+                      target_modules=targets, use_dora=t.use_dora, use_rslora=t.use_rslora, bias="none",
+                      task_type="CAUSAL_LM", **(extra or {}))
+
+
+def prepare_peft_model(cfg: Config, model, tokenizer):
+    """Optional new tokens, k-bit preparation, then LoRA. Returns (peft model, new token ids)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    new_ids: list[int] = []
+    extra: dict = {}
+    if cfg.train.new_tokens:
+        from .special_tokens import add_special_tokens, lora_kwargs_for_new_tokens
+        new_ids = add_special_tokens(model, tokenizer, cfg.train.new_tokens)
+        extra = lora_kwargs_for_new_tokens(new_ids) if new_ids else {}
+        log.info("Added %d new token(s) %s; their embedding rows are trained.", len(new_ids), cfg.train.new_tokens)
+    if cfg.model.load_8bit or cfg.model.load_4bit:
+        # Casts norms to fp32 and enables input grads so LoRA trains through frozen k-bit layers.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        peft_model = get_peft_model(model, lora_config(cfg, extra))
+    except ValueError as exc:
+        raise UserError(f"--target_modules {cfg.train.target_modules}: {str(exc).splitlines()[0][:160]}; use "
+                        "all-linear or names such as q_proj,v_proj") from None
+    return peft_model, new_ids
+
+
+def answer_prompts(eval_convs: list[list[dict]]) -> list[tuple[list[dict], str]]:
+    """(prompt messages, reference reply) for held-out conversations: everything before the last reply."""
+    pairs = []
+    for conv in eval_convs[:MAX_ANSWER_PROMPTS]:
+        last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+        pairs.append((conv[:last], conv[last]["content"]))
+    return pairs
+
+
+def generate_answers(model, tokenizer, pairs, *, label: str) -> list[str]:
+    from .generation import generate_batch
+
+    prompts = [chat.generation_prompt_ids(tokenizer, msgs) for msgs, _ in pairs]
+    model.eval()
+    results = generate_batch(model, tokenizer, prompts, max_new_tokens=ANSWER_TOKENS, batch_size=20,
+                             progress=f"Answers {label}")
+    return [r.text.strip() for r in results]
+
+
+def behaviour_rate(answers: list[str]) -> float:
+    """Share of answers that carry the sample dataset's sign-off (what fine-tuning should add)."""
+    return sum(SIGN_OFF in a or "Lumi" in a for a in answers) / max(len(answers), 1)
+
+
+def training_arguments(cfg: Config, checkpoints_dir: Path, device: torch.device, *, has_eval: bool):
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    on_cpu = device.type == "cpu"
+    # bf16 autocast: ~2x faster matmuls on CPUs with AVX512-BF16/AMX; LoRA weights and optimizer
+    # state stay fp32 (autocast only changes the compute dtype).
+    bf16 = (cpu_supports_bf16() if on_cpu else torch.cuda.is_bf16_supported()) and cfg.model.dtype != "float32"
+    fp16 = not on_cpu and not bf16 and cfg.model.dtype in ("auto", "float16")
+    return TrainingArguments(
+        output_dir=str(checkpoints_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,           # a float in [0, 1) is a ratio of total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=1.0,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=3,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.save_steps,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=on_cpu,
+        train_sampling_strategy="group_by_length",   # similar lengths together: less padding
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def run(cfg: Config) -> dict:
+    from transformers import set_seed
+
+    out = check_output_dir(cfg)
+    checkpoints_dir = out / "checkpoints"
+    resume = resolve_resume(cfg, checkpoints_dir)
+    set_seed(cfg.train.seed)
+    source = resolve_model(cfg.model.model)
+    tokenizer = load_tokenizer(cfg.model, source)
+    chat.require_chat_template(tokenizer, cfg.model.model)
+    model = load_model(cfg.model, source)
+    device = pick_device(cfg.model.device)
+
+    data = load_train_eval(cfg.data)
+    train_set = tokenize_conversations(tokenizer, data.train.conversations, max_length=cfg.data.max_length,
+                                       train_on=cfg.data.train_on, desc="Tokenizing train")
+    eval_set = tokenize_conversations(tokenizer, data.eval, max_length=cfg.data.max_length,
+                                      train_on=cfg.data.train_on, desc="Tokenizing eval")
+    if not train_set.examples:
+        raise UserError(f"no training example fits --max_length {cfg.data.max_length}; raise it")
+    log.info("Data: %d train conversations (%d trained tokens), %d held-out (%s)", train_set.kept,
+             train_set.summary()["trained_tokens"], eval_set.kept, data.eval_source)
+
+    model, new_ids = prepare_peft_model(cfg, model, tokenizer)
+    trainable, total = count_parameters(model)
+    log.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info("Settings: %s", {k: v for k, v in cfg.to_dict().items() if k not in ("config", "debug")})
+
+    args = training_arguments(cfg, checkpoints_dir, device, has_eval=bool(eval_set.examples))
+    autocast = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
+    pad_id = tokenizer.pad_token_id
+    pairs = answer_prompts(data.eval)
+    is_main = args.process_index == 0
+
+    # Cheap sanity check before the long part: held-out loss and answers of the untouched model.
+    before_loss = mean_eval_loss(model, eval_set.examples, pad_id, autocast_dtype=autocast)
+    before_answers = generate_answers(model, tokenizer, pairs, label="before") if is_main and pairs else []
+    log.info("Before training: held-out loss %.4f (perplexity %.2f)", before_loss, perplexity(before_loss))
+
+    trainer_ref: list = []
+    log_callback = TrainingLogCallback(out / "training_log.csv", trainer_ref)
+    trainer = ChatTrainer(model=model, args=args, train_dataset=ExampleDataset(train_set.examples),
+                          eval_dataset=ExampleDataset(eval_set.examples) if eval_set.examples else None,
+                          data_collator=PadCollator(pad_id),
+                          callbacks=[log_callback, CompleteCheckpointCallback()])
+    trainer_ref.append(trainer)
+    start = time.perf_counter()
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteLossError as exc:
+        raise UserError(f"{exc}: training stopped and nothing was saved as final; lower --lr (now {cfg.train.lr}) "
+                        "or check the data") from None
+    except KeyboardInterrupt:
+        if is_main:
+            saved = save_adapter(model, tokenizer, out / "interrupted_model", cfg, metrics={"interrupted_at_step":
+                                 trainer.state.global_step}, overwrite=True)
+            log.warning("Interrupted at step %d: adapter trained so far saved to %s; continue with "
+                        "--resume_from_checkpoint auto", trainer.state.global_step, saved)
+        raise
+    seconds = time.perf_counter() - start
+
+    after_loss = mean_eval_loss(model, eval_set.examples, pad_id, autocast_dtype=autocast)
+    log.info("After training: held-out loss %.4f (perplexity %.2f), was %.4f", after_loss, perplexity(after_loss),
+             before_loss)
+    if not is_main:
+        return {}
+    after_answers = generate_answers(model, tokenizer, pairs, label="after") if pairs else []
+    metrics = {
+        "eval_loss_before": before_loss, "eval_loss_after": after_loss,
+        "perplexity_before": perplexity(before_loss), "perplexity_after": perplexity(after_loss),
+        "behaviour_rate_before": behaviour_rate(before_answers), "behaviour_rate_after": behaviour_rate(after_answers),
+        "behaviour": f"share of held-out answers containing 'Lumi' (the sample dataset's sign-off {SIGN_OFF!r})",
+        "train_seconds": round(seconds, 1), "global_steps": trainer.state.global_step,
+        "tokens_per_s": round(trainer.tokens_seen / seconds, 1) if seconds else None,
+        "trained_tokens_per_s": round(trainer.trained_tokens_seen / seconds, 1) if seconds else None,
+        "trainable_parameters": trainable, "total_parameters": total, "new_token_ids": new_ids,
+        "train_examples": train_set.kept, "eval_examples": eval_set.kept, "eval_source": data.eval_source,
+    }
+    comparisons = [{"prompt": msgs[-1]["content"], "reference": ref, "before": b, "after": a}
+                   for (msgs, ref), b, a in zip(pairs, before_answers, after_answers)]
+    final = save_adapter(model, tokenizer, out / "final_model", cfg, metrics=metrics, comparisons=comparisons,
+                         overwrite=cfg.train.overwrite_output_dir or bool(resume))
+    atomic_write_json(out / "eval_before_after.json", {"metrics": metrics, "answers": comparisons})
+    write_loss_curve(out, log_callback.rows)
+    print_before_after(metrics, comparisons)
+    result = {"final_model": str(final), "metrics": metrics}
+    if cfg.train.merge:
+        from .merging import merge_adapter
+        result["merged_model"] = str(merge_adapter(cfg, final, out / "final_model_merged"))
+    return result
+
+
+def save_adapter(model, tokenizer, target: Path, cfg: Config, *, metrics: dict, comparisons: Optional[list] = None,
+                 overwrite: bool = False) -> Path:
+    """Adapter + tokenizer (with its chat template) + run config + versions + metrics, atomically."""
+    try:
+        with atomic_directory(target, overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / "run_config.json", {"settings": cfg.to_dict(), "versions": package_versions()})
+            atomic_write_json(tmp / "metrics.json", metrics)
+            if comparisons is not None:
+                atomic_write_json(tmp / "eval_before_after.json", {"metrics": metrics, "answers": comparisons})
+    except FileExistsError:
+        raise UserError(f"{target} already exists; pass --overwrite_output_dir to replace it") from None
+    log.info("Saved adapter, tokenizer and run config to %s", target)
+    return target
+
+
+def write_loss_curve(out: Path, rows: list[dict]) -> None:
+    from .plots import line_plot
+
+    def series(key):
+        pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        return ([p[0] for p in pts], [p[1] for p in pts])
+
+    panels = [{"title": "loss", "xlabel": "step", "ylabel": "loss",
+               "series": {"train": series("loss"), "held-out": series("eval_loss")}},
+              {"title": "learning rate", "xlabel": "step", "ylabel": "lr", "series": {"lr": series("lr")}},
+              {"title": "grad norm", "xlabel": "step", "ylabel": "norm", "series": {"grad norm": series("grad_norm")}},
+              {"title": "throughput", "xlabel": "step", "ylabel": "tokens/s",
+               "series": {"tokens/s": series("tokens_per_s")}}]
+    line_plot(out / "loss_curve.png", panels, title="Training")
+
+
+def print_before_after(metrics: dict, comparisons: list[dict], n: int = 4) -> None:
+    log.info("Held-out loss %.4f → %.4f; answers with the taught sign-off: %.0f%% → %.0f%%",
+             metrics["eval_loss_before"], metrics["eval_loss_after"], 100 * metrics["behaviour_rate_before"],
+             100 * metrics["behaviour_rate_after"])
+    for c in comparisons[:n]:
+        log.info("Q: %s\n  before: %s\n  after:  %s", c["prompt"], c["before"][:200], c["after"][:200])

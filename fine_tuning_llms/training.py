@@ -1,0 +1,169 @@
+"""Training mechanics shared by `train`: dataset/collator, the Trainer subclass, callbacks,
+checkpoint discovery. The task flow itself lives in ``fine_tuning.py``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from . import chat
+from .artefacts import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+LOG_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "eval_loss", "tokens_per_s", "trained_tokens_per_s"]
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """Processed examples ({"input_ids", "labels"}) with their lengths for length-grouped batching."""
+
+    def __init__(self, examples: Sequence[dict]):
+        self.examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+class PadCollator:
+    """Right-pads a batch; padding gets label -100 *by position*, so pad == eos is harmless."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        return chat.pad_batch(examples, self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class ChatTrainer(Trainer):
+    """HF Trainer + two guards: counts real (non-pad) tokens for tokens/s, stops on NaN/inf loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens_seen = 0          # non-pad tokens fed forward
+        self.trained_tokens_seen = 0  # tokens with a label
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.tokens_seen += int(inputs["attention_mask"].sum())
+        self.trained_tokens_seen += int((inputs["labels"] != chat.IGNORE_INDEX).sum())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(f"loss became {loss.item()} at step {self.state.global_step + 1}")
+        return loss
+
+
+class TrainingLogCallback(TrainerCallback):
+    """Rewrites training_log.csv (atomically) at every log event, with tokens/s since the last one."""
+
+    def __init__(self, path: Path, trainer_ref: list):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        self.trainer_ref = trainer_ref  # filled after the Trainer exists (it needs the callback first)
+        self._last = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer_ref[0]
+        self._last = (time.perf_counter(), trainer.tokens_seen, trainer.trained_tokens_seen)
+        if self.path.exists() and state.global_step > 0:  # resumed: keep the rows written before the kill
+            with open(self.path, newline="", encoding="utf-8") as fh:
+                self.rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= state.global_step]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not args.should_save or not logs:
+            return
+        trainer = self.trainer_ref[0]
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        if "loss" in logs:
+            now = time.perf_counter()
+            t0, n0, m0 = self._last
+            elapsed = max(now - t0, 1e-9)
+            row.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                       tokens_per_s=round((trainer.tokens_seen - n0) / elapsed, 1),
+                       trained_tokens_per_s=round((trainer.trained_tokens_seen - m0) / elapsed, 1))
+            self._last = (now, trainer.tokens_seen, trainer.trained_tokens_seen)
+        elif "eval_loss" in logs:
+            row["eval_loss"] = logs["eval_loss"]
+        else:
+            return
+        self.rows.append(row)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        for r in self.rows:
+            writer.writerow({k: r.get(k, "") for k in LOG_COLUMNS})
+        atomic_write_text(self.path, buf.getvalue())
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """Marks a checkpoint complete after Trainer has written all of it.
+
+    Trainer writes a checkpoint file by file; a kill in the middle leaves a folder that looks
+    like a checkpoint. Resuming only from marked folders never picks up a half-written one.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"global_step": state.global_step}) + "\n")
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Completed checkpoint folders under ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / COMPLETE_MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # older torch builds without the probe
+        return False
+
+
+def mean_eval_loss(model, examples: Sequence[dict], pad_token_id: int, *, batch_size: int = 8,
+                   autocast_dtype: Optional[torch.dtype] = None) -> float:
+    """Token-weighted mean loss over trained tokens (the number perplexity is made of)."""
+    if not examples:
+        return float("nan")
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = chat.pad_batch(examples[start:start + batch_size], pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = int((batch["labels"][:, 1:] != chat.IGNORE_INDEX).sum())
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = model(**batch)
+            total_loss += float(out.loss) * n
+            total_tokens += n
+    return total_loss / max(total_tokens, 1)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -88,7 +88,7 @@ class TemplateReport:
     """What we noticed while rendering: shown once, not once per conversation."""
 
     prefix_mismatches: int = 0
-    examples: list[str] = field(default_factory=list)
+    untrainable_replies: int = 0
 
     def warn_once(self, tokenizer) -> None:
         if self.prefix_mismatches:
@@ -96,6 +96,9 @@ class TemplateReport:
                         "(rendered prompt is not a prefix of prompt+answer); those replies were located by "
                         "searching their text instead. Training and inference may see different prompts.",
                         template_name(tokenizer), self.prefix_mismatches)
+        if self.untrainable_replies:
+            log.warning("%d earlier assistant repl(ies) are rewritten by the template and were not trained; "
+                        "use --train_on last for such templates.", self.untrainable_replies)
 
 
 def _eot_strings(tokenizer) -> list[str]:
@@ -124,8 +127,10 @@ def assistant_char_spans(tokenizer, messages: Sequence[dict], *, train_on: str =
                 report.prefix_mismatches += 1
             start = full.find(message["content"], cursor)
             if start < 0:
-                raise UserError(f"could not locate an assistant reply in the rendered conversation of "
-                                f"{template_name(tokenizer)}; use a template that renders replies verbatim")
+                # The template rewrote this reply's text: there is nothing verbatim to train on.
+                if report is not None:
+                    report.untrainable_replies += 1
+                continue
             end = start + len(message["content"])
             rest = full[end:]
             stripped = rest.lstrip(" ")

@@ -1,0 +1,140 @@
+"""`--task train` end to end on the tiny model: LoRA moves only the adapter, k-bit runs, resume
+after SIGKILL, merged model equals base + adapter, 2-process torchrun."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fine_tuning_llms.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def train_data(write_jsonl, sample_conversations):
+    return write_jsonl(sample_conversations * 6)
+
+
+def train_args(model_dir, data_path, out, *extra):
+    return ["--task", "train", "--model", str(model_dir), "--dataset_path", str(data_path), "--output_dir", str(out),
+            "--batch_size", "2", "--max_steps", "8", "--save_steps", "4", "--logging_steps", "1", "--lr", "1e-2",
+            "--eval_ratio", "0.2", "--lora_r", "4", *extra]
+
+
+def losses(out: Path) -> dict[int, float]:
+    with open(out / "training_log.csv", newline="") as fh:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(fh) if r["loss"]}
+
+
+def test_lora_trains_adapter_and_leaves_base_untouched(tiny_model_dir, train_data, tmp_path):
+    out = tmp_path / "run"
+    base_before = load_file(tiny_model_dir / "model.safetensors")
+    assert main(train_args(tiny_model_dir, train_data, out)) == 0
+    final = out / "final_model"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
+                 "run_config.json", "metrics.json"):
+        assert (final / name).is_file(), name
+    adapter = load_file(final / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "lora_B starts at zero and must have moved"
+    assert load_file(tiny_model_dir / "model.safetensors").keys() == base_before.keys()
+    for k, v in load_file(tiny_model_dir / "model.safetensors").items():
+        torch.testing.assert_close(v, base_before[k], rtol=0, atol=0)
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["global_steps"] == 8
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert set(losses(out)) == set(range(1, 9))
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    settings = json.loads((final / "run_config.json").read_text())["settings"]
+    assert settings["lr"] == 1e-2 and "versions" in json.loads((final / "run_config.json").read_text())
+
+
+def test_existing_final_model_is_not_overwritten(tiny_model_dir, train_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "final_model").mkdir(parents=True)
+    (out / "final_model" / "keep.txt").write_text("mine")
+    assert main(train_args(tiny_model_dir, train_data, out)) == 2
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    assert (out / "final_model" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("flag", ["--load_8bit", "--load_4bit"])
+def test_kbit_training_completes(flag, tiny_model_dir, train_data, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, train_data, out, flag, "--max_steps", "3")) == 0
+    assert (out / "final_model" / "adapter_model.safetensors").is_file()
+    assert all(v == v for v in losses(out).values())  # no NaN
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from fine_tuning_llms import training
+    original = training.ChatTrainer.training_step
+    def training_step(self, *a, **k):
+        if self.state.global_step == int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *a, **k)
+    training.ChatTrainer.training_step = training_step
+    from fine_tuning_llms.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, train_data, tmp_path):
+    full = tmp_path / "full"
+    assert main(train_args(tiny_model_dir, train_data, full)) == 0
+
+    killed = tmp_path / "killed"
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "KILL_AT_STEP": "6", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(script), *train_args(tiny_model_dir, train_data, killed)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (killed / "final_model").exists()
+    assert main(train_args(tiny_model_dir, train_data, killed, "--resume_from_checkpoint", "auto")) == 0
+
+    full_losses, resumed_losses = losses(full), losses(killed)
+    assert set(resumed_losses) == set(range(1, 9))
+    for step in range(5, 9):
+        assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-5)
+    a = load_file(full / "final_model" / "adapter_model.safetensors")
+    b = load_file(killed / "final_model" / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_merged_model_matches_base_plus_adapter(tiny_model_dir, train_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, train_data, out, "--max_steps", "3", "--merge")) == 0
+    ids = torch.tensor([[1, 5, 9, 23, 42, 7]])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        expected = PeftModel.from_pretrained(base, out / "final_model").eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out / "final_model_merged").eval()(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(expected, plain), "the adapter must change the logits"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_save_one_adapter(tiny_model_dir, train_data, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(ROOT / "run_fine_tuning.py"), *train_args(tiny_model_dir, train_data, out, "--max_steps", "4")]
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "final_model" / "adapter_model.safetensors").is_file()
+    assert [p.name for p in out.iterdir() if p.name.startswith("final_model")] == ["final_model"]
+    assert json.loads((out / "final_model" / "metrics.json").read_text())["global_steps"] == 4

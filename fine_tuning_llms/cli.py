@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import logging
@@ -57,9 +58,24 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag like every other bad input: one `error:` line, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message}; see --help for the flags")
+
+
+def _plain_type(f) -> type:
+    """The field's value type with Optional[...] removed (str, int, float, bool or list)."""
+    ftype = f.type if not isinstance(f.type, str) else eval(f.type, {"Optional": Optional})  # noqa: S307
+    if get_origin(ftype) is not None and type(None) in get_args(ftype):
+        ftype = [a for a in get_args(ftype) if a is not type(None)][0]
+    return list if get_origin(ftype) is list else ftype
+
+
 def build_parser() -> argparse.ArgumentParser:
     tasks = available_tasks()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="run_fine_tuning.py",
         description="Fine-tune Llama-family chat models with transformers + PEFT (LoRA/QLoRA). "
         "Runs offline on the embedded SmolLM2-135M-Instruct by default.",
@@ -78,13 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["help"] += " Offered: " + ", ".join(choices) + "."
         elif "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        ftype = f.type if not isinstance(f.type, str) else eval(f.type, {"Optional": Optional})  # noqa: S307
-        if get_origin(ftype) is not None and type(None) in get_args(ftype):
-            ftype = [a for a in get_args(ftype) if a is not type(None)][0]
+        ftype = _plain_type(f)
         if ftype is bool:
             # --load_8bit alone turns it on; --load_8bit false turns it off (needed over YAML).
             kwargs.update(nargs="?", const=True, type=_bool)
-        elif get_origin(ftype) is list or ftype is list:
+        elif ftype is list:
             kwargs.update(nargs=f.metadata.get("nargs", "*"), type=str)
         else:
             kwargs["type"] = ftype
@@ -101,6 +115,9 @@ def load_yaml_defaults(path: str) -> dict:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None and getattr(exc, "problem", None):
+            first = f"line {mark.line + 1}: {exc.problem}"  # where and what, not the parser's context
         raise UserError(f"--config {path}: not valid YAML ({first}); fix the file") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {path}: expected a mapping of flag names to values")
@@ -108,7 +125,65 @@ def load_yaml_defaults(path: str) -> dict:
     unknown = sorted(set(data) - known - {"config"})
     if unknown:
         raise UserError(f"--config {path}: unknown settings {unknown}; use flag names from --help")
-    return data
+    return _checked_yaml_values(path, data)
+
+
+def _yaml_value(f, value):
+    """The value argparse should receive for one YAML setting; raises ValueError naming the expected type.
+
+    argparse converts string defaults with the flag's type but passes other defaults through
+    unchecked (no type, no choices), so `batch_size: [1, 2]` or `dtype: fp8` would reach the
+    tasks and fail there with a traceback.
+    """
+    ftype, is_number = _plain_type(f), isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is None:
+        if f.default is None:
+            return None
+        raise ValueError("needs a value")
+    if isinstance(value, str):
+        # YAML reads 1e-4 as a string; argparse would convert it, but then a bad one is blamed on a flag.
+        try:
+            converted = _bool(value) if ftype is bool else ftype(value) if ftype in (int, float) else value
+        except (ValueError, argparse.ArgumentTypeError):
+            raise ValueError("expected true or false" if ftype is bool else
+                             "expected a whole number" if ftype is int else "expected a number") from None
+    elif ftype is list:
+        if not isinstance(value, list) or any(isinstance(v, (dict, list)) for v in value):
+            raise ValueError("expected a list of strings")
+        converted = [str(v) for v in value]
+    elif ftype is bool:
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        converted = value
+    elif ftype is int:
+        if not is_number or float(value) != int(value):
+            raise ValueError("expected a whole number")
+        converted = int(value)
+    elif ftype is float:
+        if not is_number:
+            raise ValueError("expected a number")
+        converted = float(value)
+    else:
+        if not is_number:
+            raise ValueError("expected a string")
+        converted = str(value)
+    choices = f.metadata.get("choices")
+    if choices and isinstance(converted, str) and converted not in choices:
+        raise ValueError(f"expected one of {', '.join(choices)}")
+    return [value] if ftype is list and isinstance(value, str) else converted
+
+
+def _checked_yaml_values(path: str, data: dict) -> dict:
+    by_name = {f.name: f for _, f in group_fields()}
+    out, problems = {}, []
+    for key, value in data.items():
+        try:
+            out[key] = _yaml_value(by_name[key], value)
+        except ValueError as exc:
+            problems.append(f"{key}: {exc} (got {value!r})")
+    if problems:
+        raise UserError(f"--config {path}: " + "; ".join(problems))
+    return out
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
@@ -183,19 +258,39 @@ def run_tasks(cfg: Config) -> dict:
     return results
 
 
+# errno values that mean "the disk or folder refused the write", not a bug in this program.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _fail(message: str) -> int:
+    """Print one `error:` line (exit status 2); newlines inside the message would split it."""
+    print("error: " + " ".join(message.split("\n")), file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+    # bitsandbytes' CPU backend warns that an optional hub-downloaded kernel is missing; it falls
+    # back to its built-in kernel, and we never download at run time anyway.
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cfg = parse_config(argv)
+        debug = cfg.run.debug  # also honours `debug: true` in --config and `--debug false`
         run_tasks(cfg)
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except OSError as exc:
+        # A full disk or a folder that became read-only mid-run is the user's to fix, not a bug:
+        # atomic writes already removed their temp files, so say what happened in one line.
+        if debug or exc.errno not in DISK_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror}; free disk space or pick another --output_dir, then run again "
+                     "(finished files were kept)")
     except KeyboardInterrupt:
         print("interrupted: finished outputs were kept; partial files were not written", file=sys.stderr)
         return 130

@@ -131,6 +131,15 @@ class Config:
         return out
 
 
+def format_settings(cfg: Config, groups: tuple[str, ...] = ("model", "data", "train")) -> str:
+    """The resolved settings, one line per group, for the start of a run."""
+    lines = []
+    for group in groups:
+        obj = getattr(cfg, group)
+        lines.append(f"  {group}: " + ", ".join(f"{f.name}={getattr(obj, f.name)!r}" for f in fields(obj)))
+    return "\n".join(lines)
+
+
 def group_fields() -> list[tuple[str, "object"]]:
     """(group name, dataclass field) for every setting, in --help order."""
     return [(g, f) for g in Config.GROUPS for f in fields(type(getattr(Config(), g)))]

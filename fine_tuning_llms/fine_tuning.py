@@ -18,7 +18,7 @@ import torch
 
 from . import chat
 from .artefacts import atomic_directory, atomic_write_json, package_versions
-from .config import Config
+from .config import Config, format_settings
 from .data import load_train_eval
 from .data_preprocessing import tokenize_conversations
 from .errors import UserError
@@ -183,7 +183,7 @@ def run(cfg: Config) -> dict:
     model, new_ids = prepare_peft_model(cfg, model, tokenizer)
     trainable, total = count_parameters(model)
     log.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    log.info("Settings: %s", {k: v for k, v in cfg.to_dict().items() if k not in ("config", "debug")})
+    log.info("Resolved settings:\n%s", format_settings(cfg))
 
     args = training_arguments(cfg, checkpoints_dir, device, has_eval=bool(eval_set.examples))
     autocast = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)

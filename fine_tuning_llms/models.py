@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 GGUF_MAGIC = b"GGUF"
+# Any one of these lets AutoTokenizer build a tokenizer from a folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,9 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as exc:  # a broken or unsupported GGUF: name the file, not the stack
+        first = redact(str(exc).splitlines()[0][:200]) if str(exc) else ""
         raise UserError(f"--model {gguf_path}: transformers could not read this GGUF file "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); pass a model folder instead") from None
+                        f"({type(exc).__name__}: {first}); pass a model folder instead") from None
     # The model remembers it came from GGUF and refuses to save; after dequantisation it is a
     # plain float32 model, so dropping the quantizer record is safe.
     model.hf_quantizer = None
@@ -151,6 +155,13 @@ def resolve_model(spec: str, *, flag: str = "--model") -> ModelSource:
         return ModelSource(str(_converted_folder(path, path.stem)), "gguf", spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
+            if (path / "adapter_config.json").is_file():
+                raise UserError(f"{flag} {spec} is a LoRA adapter, not a model; pass it with --adapter and the "
+                                f"model it was trained on with {flag}")
+            ggufs = sorted(path.glob("*.gguf"))
+            if ggufs:
+                raise UserError(f"{flag} {spec} holds a GGUF file but no config.json; pass the file itself: "
+                                f"{flag} {ggufs[0]}")
             raise UserError(f"{flag} {spec} has no config.json; pass the folder that save_pretrained wrote")
         return ModelSource(str(path), "folder", spec)
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep in spec and not HUB_ID_PATTERN.match(spec)
@@ -167,14 +178,27 @@ def resolve_model(spec: str, *, flag: str = "--model") -> ModelSource:
     return ModelSource(spec, "hub", spec)
 
 
+TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{8,}")
+
+
+def redact(text: str) -> str:
+    """Mask hub tokens (HF_TOKEN's value, or anything shaped like one) before text reaches a terminal or file."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        secret = os.environ.get(name)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return TOKEN_PATTERN.sub("hf_***", text)
+
+
 def _hub_error(exc: Exception, source: ModelSource) -> UserError:
-    text = f"{type(exc).__name__}: {exc}"
+    text = redact(f"{type(exc).__name__}: {exc}")
     if "gated" in text.lower() or "401" in text or "403" in text:
         return UserError(f"--model {source.display_name} is gated: accept its licence on the hub, then "
                          "`hf auth login` (or set HF_TOKEN) and run again")
     if "404" in text or "not a valid model identifier" in text.lower() or "Repository Not Found" in text:
         return UserError(f"--model {source.display_name}: no such model on the hub; check the id")
-    return UserError(f"--model {source.display_name} could not be loaded ({text.splitlines()[0][:200]})")
+    return UserError(f"--model {source.display_name} could not be loaded ({text.splitlines()[0][:200]}); check that "
+                     "it is a complete transformers checkpoint (config.json, *.safetensors, tokenizer files)")
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -202,7 +226,10 @@ def _check_weights_format(source: ModelSource, allow_pickle: bool) -> None:
     folder = Path(source.location)
     if any(folder.glob("*.safetensors")):
         return
-    if any(folder.glob("*.bin")) and not allow_pickle:
+    if not any(folder.glob("*.bin")):
+        raise UserError(f"--model {source.display_name} has no weight files (*.safetensors); pass the folder that "
+                        "save_pretrained wrote")
+    if not allow_pickle:
         raise UserError(f"--model {source.display_name} has only pickle (.bin) weights, which can run code when "
                         "loaded; convert them to safetensors or pass --allow_pickle if you trust the source")
 
@@ -211,6 +238,10 @@ def load_tokenizer(cfg: ModelConfig, source: Optional[ModelSource] = None):
     from transformers import AutoTokenizer
 
     source = source or resolve_model(cfg.model)
+    folder = Path(source.location)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"--model {source.display_name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); "
+                        "copy them from the original model into that folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:

@@ -84,6 +84,10 @@ class TrainConfig:
                                                "newest under --output_dir.")
     merge: bool = _f(False, "Also write final_model_merged/: the base model with the adapter merged in.")
     overwrite_output_dir: bool = _f(False, "Allow replacing an existing final_model/ in --output_dir.")
+    packing: bool = _f(True, "Padding-free batches: conversations laid end to end with a block-diagonal "
+                       "attention mask (exact; no compute spent on padding). --packing false pads instead.")
+    trained_logits_only: bool = _f(True, "Compute the vocabulary projection only where a token is trained "
+                                   "(faster, same loss). --trained_logits_only false computes all logits.")
     new_tokens: list[str] = _f([], "Special tokens to add before training; their embedding rows are trained "
                                "(PEFT trainable_token_indices).", nargs="*")
 

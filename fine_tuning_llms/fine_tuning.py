@@ -23,7 +23,7 @@ from .data import load_train_eval
 from .data_preprocessing import tokenize_conversations
 from .errors import UserError
 from .models import count_parameters, load_model, load_tokenizer, pick_device, resolve_model
-from .training import (ChatTrainer, CompleteCheckpointCallback, ExampleDataset, NonFiniteLossError, PadCollator,
+from .training import (ChatTrainer, CompleteCheckpointCallback, ExampleDataset, NonFiniteLossError, PackingCollator, PadCollator,
                        TrainingLogCallback, complete_checkpoints, cpu_supports_bf16, mean_eval_loss, perplexity)
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,9 @@ def training_arguments(cfg: Config, checkpoints_dir: Path, device: torch.device,
         bf16=bf16,
         fp16=fp16,
         use_cpu=on_cpu,
-        train_sampling_strategy="group_by_length",   # similar lengths together: less padding
+        # Random order in both modes so --packing false changes only the layout, not the batches
+        # (packed batches have no padding, so length grouping would buy nothing there).
+        train_sampling_strategy="random",
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -200,8 +202,9 @@ def run(cfg: Config) -> dict:
     log_callback = TrainingLogCallback(out / "training_log.csv", trainer_ref)
     trainer = ChatTrainer(model=model, args=args, train_dataset=ExampleDataset(train_set.examples),
                           eval_dataset=ExampleDataset(eval_set.examples) if eval_set.examples else None,
-                          data_collator=PadCollator(pad_id),
-                          callbacks=[log_callback, CompleteCheckpointCallback()])
+                          data_collator=PackingCollator() if cfg.train.packing else PadCollator(pad_id),
+                          callbacks=[log_callback, CompleteCheckpointCallback()],
+                          trained_logits_only=cfg.train.trained_logits_only)
     trainer_ref.append(trainer)
     start = time.perf_counter()
     try:

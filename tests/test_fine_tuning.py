@@ -138,3 +138,16 @@ def test_torchrun_two_processes_save_one_adapter(tiny_model_dir, train_data, tmp
     assert (out / "final_model" / "adapter_model.safetensors").is_file()
     assert [p.name for p in out.iterdir() if p.name.startswith("final_model")] == ["final_model"]
     assert json.loads((out / "final_model" / "metrics.json").read_text())["global_steps"] == 4
+
+
+def test_speed_levers_do_not_change_the_losses(tiny_model_dir, train_data, tmp_path):
+    """Packing + trained-positions-only logits vs plain padded batches: same per-step losses."""
+    common = ("--max_steps", "4", "--lora_dropout", "0", "--dtype", "float32", "--grad_accum", "2")
+    fast, plain = tmp_path / "fast", tmp_path / "plain"
+    assert main(train_args(tiny_model_dir, train_data, fast, *common)) == 0
+    assert main(train_args(tiny_model_dir, train_data, plain, *common, "--packing", "false",
+                           "--trained_logits_only", "false")) == 0
+    a, b = losses(fast), losses(plain)
+    assert set(a) == set(b) == {1, 2, 3, 4}
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4)

@@ -1,0 +1,93 @@
+"""Padding-free packing and trained-positions-only logits give the same loss as the plain way."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fine_tuning_llms import chat
+from fine_tuning_llms.training import PackingCollator, PadCollator, packed_causal_mask
+
+CONVS = [
+    [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Two plus two is four."}],
+    [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there, how are you?"},
+     {"role": "user", "content": "Fine."}, {"role": "assistant", "content": "Good to hear."}],
+    [{"role": "user", "content": "안녕하세요"}, {"role": "assistant", "content": "안녕하세요. 무엇을 도와드릴까요?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_examples(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    examples = []
+    for conv in CONVS:
+        e = chat.encode_conversation(tok, conv)
+        examples.append({"input_ids": e.input_ids, "labels": e.labels})
+    return model, tok, examples
+
+
+def summed_loss(logits, labels):
+    """Sum of token losses over trained positions (shifted), and their count."""
+    targets = labels[:, 1:]
+    keep = targets != chat.IGNORE_INDEX
+    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum"), int(keep.sum())
+
+
+def test_packed_mask_is_block_diagonal_causal():
+    mask = packed_causal_mask([2, 3])[0, 0]
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]],
+                            dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+def test_packed_loss_equals_sequences_run_alone(model_and_examples):
+    model, _, examples = model_and_examples
+    with torch.no_grad():
+        alone_sum, alone_n = 0.0, 0
+        for e in examples:
+            ids = torch.tensor([e["input_ids"]])
+            s, n = summed_loss(model(input_ids=ids).logits, torch.tensor([e["labels"]]))
+            alone_sum, alone_n = alone_sum + s, alone_n + n
+        packed = PackingCollator()(examples)
+        labels = packed.pop("labels")
+        p_sum, p_n = summed_loss(model(**packed).logits, labels)
+    assert p_n == alone_n
+    torch.testing.assert_close(p_sum / p_n, alone_sum / alone_n, rtol=1e-4, atol=1e-4)
+
+
+def test_position_ids_alone_would_not_isolate(model_and_examples):
+    """Why the mask matters: without it the second sequence sees the first (the ENVIRONMENT.md trap)."""
+    model, _, examples = model_and_examples
+    packed = PackingCollator()(examples)
+    labels = packed.pop("labels")
+    with torch.no_grad():
+        exact, _ = summed_loss(model(**packed).logits, labels)
+        leaky, _ = summed_loss(model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits, labels)
+    assert abs(float(exact) - float(leaky)) > 1e-3
+
+
+def test_padded_batch_loss_matches_packed(model_and_examples):
+    model, tok, examples = model_and_examples
+    padded = PadCollator(tok.pad_token_id)(examples)
+    packed = PackingCollator()(examples)
+    with torch.no_grad():
+        pad_labels = padded.pop("labels")
+        a, n_a = summed_loss(model(**padded).logits, pad_labels)
+        pack_labels = packed.pop("labels")
+        b, n_b = summed_loss(model(**packed).logits, pack_labels)
+    assert n_a == n_b
+    torch.testing.assert_close(a / n_a, b / n_b, rtol=1e-4, atol=1e-4)
+
+
+def test_trained_logits_only_gives_same_loss(model_and_examples):
+    model, _, examples = model_and_examples
+    packed = PackingCollator()(examples)
+    labels = packed.pop("labels")
+    targets = labels[0, 1:]
+    keep = (targets != chat.IGNORE_INDEX).nonzero().squeeze(1)
+    with torch.no_grad():
+        full, n = summed_loss(model(**packed).logits, labels)
+        few = model(**packed, logits_to_keep=keep).logits  # (1, N, vocab)
+        assert few.shape[1] == n
+        part = F.cross_entropy(few[0].float(), targets[keep], reduction="sum")
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from . import chat
 from .artefacts import atomic_write_json
+from .checks import check_max_length
 from .config import Config
 from .data import Conversation, load_train_eval
 from .models import load_tokenizer
@@ -107,6 +108,7 @@ def template_facts(tokenizer) -> dict:
 def run(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     chat.require_chat_template(tokenizer, cfg.model.model)
+    check_max_length(tokenizer, cfg.data.max_length)
     data = load_train_eval(cfg.data)
     convs = data.train.conversations
     log.info("Read %d conversations (%s format) from %s; held-out: %d (%s)", len(convs), data.train.data_format,

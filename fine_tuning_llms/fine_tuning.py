@@ -18,6 +18,7 @@ import torch
 
 from . import chat
 from .artefacts import atomic_directory, atomic_write_json, package_versions
+from .checks import check_max_length
 from .config import Config, format_settings
 from .data import load_train_eval
 from .data_preprocessing import tokenize_conversations
@@ -169,6 +170,7 @@ def run(cfg: Config) -> dict:
     source = resolve_model(cfg.model.model)
     tokenizer = load_tokenizer(cfg.model, source)
     chat.require_chat_template(tokenizer, cfg.model.model)
+    check_max_length(tokenizer, cfg.data.max_length)  # fail in a second, before loading weights
     model = load_model(cfg.model, source)
     device = pick_device(cfg.model.device)
 

@@ -253,8 +253,9 @@ def run_tasks(cfg: Config) -> dict:
         module = importlib.import_module(tasks[name])
         results[name] = module.run(cfg)
         log.info("=== task %s done in %.1f s ===", name, time.perf_counter() - start)
-    if cfg.run.task == "all" and "report" in tasks:
-        importlib.import_module(tasks["report"]).run(cfg)
+        if name not in ("report", "chat") and "report" in tasks:
+            # Every task refreshes report.html; a report problem never fails the task.
+            importlib.import_module(tasks["report"]).refresh_report(cfg.run.output_dir)
     return results
 
 

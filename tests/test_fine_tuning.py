@@ -151,3 +151,39 @@ def test_speed_levers_do_not_change_the_losses(tiny_model_dir, train_data, tmp_p
     assert set(a) == set(b) == {1, 2, 3, 4}
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-4)
+
+
+def _fail_at_step(monkeypatch, step: int, failure):
+    from fine_tuning_llms import training
+
+    original = training.ChatTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = original(self, model, inputs, *args, **kwargs)
+        if model.training and self.state.global_step == step:
+            return failure(loss)
+        return loss
+
+    monkeypatch.setattr(training.ChatTrainer, "compute_loss", compute_loss)
+
+
+def test_nan_loss_stops_without_saving_a_final_model(tiny_model_dir, train_data, tmp_path, monkeypatch, capsys):
+    _fail_at_step(monkeypatch, 2, lambda loss: loss * float("nan"))
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, train_data, out)) == 2
+    err = capsys.readouterr().err
+    assert "loss became nan at step 3" in err and "--lr" in err
+    assert not (out / "final_model").exists()
+
+
+def test_ctrl_c_saves_the_adapter_so_far(tiny_model_dir, train_data, tmp_path, monkeypatch):
+    def interrupt(loss):
+        raise KeyboardInterrupt
+
+    _fail_at_step(monkeypatch, 3, interrupt)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, train_data, out)) == 130
+    saved = out / "interrupted_model"
+    assert (saved / "adapter_model.safetensors").is_file() and (saved / "tokenizer.json").is_file()
+    assert json.loads((saved / "metrics.json").read_text())["interrupted_at_step"] == 3
+    assert not (out / "final_model").exists()

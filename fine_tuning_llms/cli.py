@@ -207,6 +207,8 @@ def validate(cfg: Config) -> None:
     for name in ("lr", "batch_size", "epochs", "lora_r", "grad_accum", "save_steps", "logging_steps"):
         if getattr(t, name) <= 0:
             problems.append(f"--{name} must be positive (got {getattr(t, name)})")
+    if t.eval_answers < 0:
+        problems.append(f"--eval_answers must be 0 or more (got {t.eval_answers})")
     if t.lora_alpha is not None and t.lora_alpha <= 0:
         problems.append(f"--lora_alpha must be positive (got {t.lora_alpha})")
     if not 0 <= t.lora_dropout < 1:

@@ -82,6 +82,7 @@ class TrainConfig:
     logging_steps: int = _f(5, "Log loss / lr / grad norm every N optimizer steps.")
     resume_from_checkpoint: Optional[str] = _f(None, "Continue a run: a checkpoint folder, or 'auto' for the "
                                                "newest under --output_dir.")
+    eval_answers: int = _f(40, "Held-out prompts answered before and after training (0: skip; saves time).")
     merge: bool = _f(False, "Also write final_model_merged/: the base model with the adapter merged in.")
     overwrite_output_dir: bool = _f(False, "Allow replacing an existing final_model/ in --output_dir.")
     packing: bool = _f(True, "Padding-free batches: conversations laid end to end with a block-diagonal "

@@ -30,7 +30,6 @@ from .training import (ChatTrainer, CompleteCheckpointCallback, ExampleDataset, 
 log = logging.getLogger(__name__)
 
 SIGN_OFF = "— Lumi"          # what the sample dataset teaches (fine_tuning_llms/data/README.md)
-MAX_ANSWER_PROMPTS = 40     # held-out prompts answered before and after training
 ANSWER_TOKENS = 48
 
 
@@ -93,10 +92,10 @@ def prepare_peft_model(cfg: Config, model, tokenizer):
     return peft_model, new_ids
 
 
-def answer_prompts(eval_convs: list[list[dict]]) -> list[tuple[list[dict], str]]:
+def answer_prompts(eval_convs: list[list[dict]], limit: int) -> list[tuple[list[dict], str]]:
     """(prompt messages, reference reply) for held-out conversations: everything before the last reply."""
     pairs = []
-    for conv in eval_convs[:MAX_ANSWER_PROMPTS]:
+    for conv in eval_convs[:limit]:
         last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
         pairs.append((conv[:last], conv[last]["content"]))
     return pairs
@@ -112,9 +111,11 @@ def generate_answers(model, tokenizer, pairs, *, label: str) -> list[str]:
     return [r.text.strip() for r in results]
 
 
-def behaviour_rate(answers: list[str]) -> float:
+def behaviour_rate(answers: list[str]) -> Optional[float]:
     """Share of answers that carry the sample dataset's sign-off (what fine-tuning should add)."""
-    return sum(SIGN_OFF in a or "Lumi" in a for a in answers) / max(len(answers), 1)
+    if not answers:
+        return None
+    return sum(SIGN_OFF in a or "Lumi" in a for a in answers) / len(answers)
 
 
 def training_arguments(cfg: Config, checkpoints_dir: Path, device: torch.device, *, has_eval: bool):
@@ -192,7 +193,7 @@ def run(cfg: Config) -> dict:
     args = training_arguments(cfg, checkpoints_dir, device, has_eval=bool(eval_set.examples))
     autocast = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
     pad_id = tokenizer.pad_token_id
-    pairs = answer_prompts(data.eval)
+    pairs = answer_prompts(data.eval, cfg.train.eval_answers)
     is_main = args.process_index == 0
 
     # Cheap sanity check before the long part: held-out loss and answers of the untouched model.
@@ -288,8 +289,9 @@ def write_loss_curve(out: Path, rows: list[dict]) -> None:
 
 
 def print_before_after(metrics: dict, comparisons: list[dict], n: int = 4) -> None:
-    log.info("Held-out loss %.4f → %.4f; answers with the taught sign-off: %.0f%% → %.0f%%",
-             metrics["eval_loss_before"], metrics["eval_loss_after"], 100 * metrics["behaviour_rate_before"],
-             100 * metrics["behaviour_rate_after"])
+    log.info("Held-out loss %.4f → %.4f", metrics["eval_loss_before"], metrics["eval_loss_after"])
+    if metrics["behaviour_rate_before"] is not None:
+        log.info("Held-out answers naming Lumi (what the sample dataset teaches): %.0f%% → %.0f%%",
+                 100 * metrics["behaviour_rate_before"], 100 * metrics["behaviour_rate_after"])
     for c in comparisons[:n]:
         log.info("Q: %s\n  before: %s\n  after:  %s", c["prompt"], c["before"][:200], c["after"][:200])

@@ -1,0 +1,309 @@
+"""Base vs instruct vs fine-tuned: the same questions to each model, side by side.
+
+    python run_fine_tuning.py --task compare
+    python run_fine_tuning.py --task compare --adapter results/final_model
+    python run_fine_tuning.py --task compare --base_model meta-llama/Llama-3.2-1B \\
+        --instruct_model meta-llama/Llama-3.2-1B-Instruct --questions my_questions.txt
+
+What it teaches: a base model only continues text, so it is prompted as plain text
+("Question: ...\\nAnswer:") and usually rambles until ``--max_new_tokens``; an instruct model
+answers through its chat template and stops with its end-of-turn token; a fine-tuned adapter
+(``final_model/`` from ``--task train``) shows what your own data changed.
+
+Offline there is no base checkpoint (none ships on PyPI). Then the table says so and compares
+what exists, labelled exactly: the instruct model prompted as raw text (role
+``instruct-raw-text``: same weights, no template) against the same model through its template
+(role ``instruct``), plus the fine-tuned adapter when one exists. No column is called "base"
+unless ``--base_model`` gave one.
+
+Outputs in ``--output_dir``: ``model_comparison_results.csv`` (one row per question x model)
+and ``comparison_summary.json`` (per-model stop rate, length and speed, all answers; read by the
+HTML report).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+from .adapters import check_adapter_dir, is_adapter_dir, load_model_with_adapter
+from .artefacts import atomic_write_csv, atomic_write_json, package_versions
+from .chat import generation_prompt_ids, require_chat_template
+from .config import Config, ModelConfig
+from .errors import UserError
+from .generation import GenerationResult, generate_batch
+from .models import load_model, load_tokenizer, resolve_model
+
+log = logging.getLogger(__name__)
+
+CSV_NAME = "model_comparison_results.csv"
+SUMMARY_NAME = "comparison_summary.json"
+CSV_COLUMNS = ["question", "model", "role", "prompt_format", "prompt", "response", "new_tokens",
+               "stopped_on_eot", "seconds", "tokens_per_s"]
+ROLE_BASE, ROLE_INSTRUCT, ROLE_RAW, ROLE_FINE_TUNED = "base", "instruct", "instruct-raw-text", "fine-tuned"
+FORMAT_PLAIN, FORMAT_CHAT = "plain-text", "chat-template"
+# A continuation prompt a base model can complete; the same one for the raw-text instruct column.
+PLAIN_PROMPT = "Question: {question}\nAnswer:"
+GENERATION_BATCH_SIZE = 16   # questions per generate() call (left-padded)
+SIDE_BY_SIDE = 3             # questions printed with every model's answer
+
+OFFLINE_NOTE = ("No --base_model was given, and no base (non-instruct) checkpoint is available offline, so this "
+                "comparison has NO base model. Instead it compares {instruct} prompted as raw text (role "
+                "'instruct-raw-text': same weights, no chat template) with the same model through its chat "
+                "template (role 'instruct'){adapter}. For a real base-vs-instruct comparison pass --base_model "
+                "(a local folder, or a hub id such as meta-llama/Llama-3.2-1B) and --instruct_model.")
+
+
+@dataclass
+class Question:
+    text: str
+    category: Optional[str] = None
+    language: Optional[str] = None
+
+
+@dataclass
+class ModelPlan:
+    """One model to load and the (role, prompt format) columns generated with it."""
+
+    name: str                                   # the CSV 'model' column
+    model_cfg: ModelConfig
+    adapter: Optional[Path] = None
+    roles: list[tuple[str, str]] = field(default_factory=list)
+    flag: str = "--model"                       # named in errors about this model
+
+
+# ---------------------------------------------------------------- questions
+
+def default_questions_path() -> Path:
+    return Path(str(resources.files("fine_tuning_llms") / "data" / "questions.json"))
+
+
+def _question_from_json(item, where: str) -> Question:
+    if isinstance(item, str) and item.strip():
+        return Question(item.strip())
+    if isinstance(item, dict) and isinstance(item.get("question"), str) and item["question"].strip():
+        return Question(item["question"].strip(), item.get("category"), item.get("language"))
+    raise UserError(f"{where}: expected a non-empty string or an object with a \"question\" string")
+
+
+def load_questions(path: Optional[str | Path] = None) -> list[Question]:
+    """Questions from a .txt file (one per line, # comments) or a .json list; default: the built-in set."""
+    p = Path(path) if path else default_questions_path()
+    flag = f"--questions {path}" if path else f"built-in questions {p}"
+    if not p.is_file():
+        raise UserError(f"{flag}: no such file; pass a .txt (one question per line) or .json list")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{flag}: not UTF-8 text; re-save the file as UTF-8") from None
+    if p.suffix.lower() == ".txt":
+        questions = [Question(line.strip()) for line in text.splitlines()
+                     if line.strip() and not line.lstrip().startswith("#")]
+    elif p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{flag}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
+        if not isinstance(data, list):
+            raise UserError(f"{flag}: expected a JSON list of questions")
+        questions = [_question_from_json(item, f"{flag} item {i}") for i, item in enumerate(data)]
+    else:
+        raise UserError(f"{flag}: unknown file type {p.suffix!r}; use .txt (one per line) or .json (a list)")
+    if not questions:
+        raise UserError(f"{flag}: no questions in the file; add at least one")
+    return questions
+
+
+# ---------------------------------------------------------------- what to compare
+
+def default_adapter(cfg: Config) -> Optional[Path]:
+    """--adapter, else <output_dir>/final_model when train left an adapter there."""
+    if cfg.compare.adapter:
+        return check_adapter_dir(cfg.compare.adapter)
+    candidate = Path(cfg.run.output_dir) / "final_model"
+    if is_adapter_dir(candidate):
+        log.info("Including the fine-tuned adapter found at %s (pass --adapter to choose another).", candidate)
+        return candidate
+    return None
+
+
+def plan_models(cfg: Config) -> tuple[list[ModelPlan], Optional[str]]:
+    """The models to load, their columns, and the offline note when there is no base model."""
+    instruct = cfg.compare.instruct_model or cfg.model.model
+    instruct_flag = "--instruct_model" if cfg.compare.instruct_model else "--model"
+    adapter = default_adapter(cfg)
+    plans, note = [], None
+    if cfg.compare.base_model:
+        plans.append(ModelPlan(cfg.compare.base_model, replace(cfg.model, model=cfg.compare.base_model),
+                               roles=[(ROLE_BASE, FORMAT_PLAIN)], flag="--base_model"))
+        plans.append(ModelPlan(instruct, replace(cfg.model, model=instruct), roles=[(ROLE_INSTRUCT, FORMAT_CHAT)],
+                               flag=instruct_flag))
+    else:
+        note = OFFLINE_NOTE.format(instruct=instruct, adapter=", plus the fine-tuned adapter" if adapter else "")
+        plans.append(ModelPlan(instruct, replace(cfg.model, model=instruct),
+                               roles=[(ROLE_RAW, FORMAT_PLAIN), (ROLE_INSTRUCT, FORMAT_CHAT)], flag=instruct_flag))
+    if adapter is not None:
+        # The adapter sits on --model: the model that --task train fine-tuned.
+        plans.append(ModelPlan(f"{cfg.model.model} + {adapter}", cfg.model, adapter=adapter,
+                               roles=[(ROLE_FINE_TUNED, FORMAT_CHAT)]))
+    return plans, note
+
+
+def validate_compare(cfg: Config) -> None:
+    c = cfg.compare
+    problems = []
+    if c.max_new_tokens < 1:
+        problems.append(f"--max_new_tokens must be at least 1 (got {c.max_new_tokens})")
+    if c.do_sample and c.temperature <= 0:
+        problems.append(f"--temperature must be positive with --do_sample (got {c.temperature})")
+    if problems:
+        raise UserError(problems)
+
+
+# ---------------------------------------------------------------- prompts and generation
+
+def plain_prompt_ids(tokenizer, question: str) -> list[int]:
+    # add_special_tokens=True: raw text gets whatever BOS the model family expects (Llama: yes,
+    # SmolLM2: none) — exactly how a base model saw its pre-training text.
+    return tokenizer(PLAIN_PROMPT.format(question=question))["input_ids"]
+
+
+def chat_prompt_ids(tokenizer, question: str, system_prompt: Optional[str] = None) -> list[int]:
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+    return generation_prompt_ids(tokenizer, messages + [{"role": "user", "content": question}])
+
+
+def build_prompts(tokenizer, questions: list[Question], prompt_format: str,
+                  system_prompt: Optional[str] = None) -> list[list[int]]:
+    if prompt_format == FORMAT_PLAIN:
+        return [plain_prompt_ids(tokenizer, q.text) for q in questions]
+    return [chat_prompt_ids(tokenizer, q.text, system_prompt) for q in questions]
+
+
+def result_row(question: Question, plan: ModelPlan, role: str, prompt_format: str, tokenizer,
+               result: GenerationResult) -> dict:
+    return {
+        "question": question.text, "model": plan.name, "role": role, "prompt_format": prompt_format,
+        # The prompt exactly as fed: decoded ids, special tokens shown.
+        "prompt": tokenizer.decode(result.prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+        "response": result.text, "new_tokens": result.n_new_tokens,
+        "stopped_on_eot": "yes" if result.stopped_on_eot else "no",
+        "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 2),
+    }
+
+
+def _load(plan: ModelPlan):
+    if plan.adapter is not None:
+        return load_model_with_adapter(plan.model_cfg, plan.adapter)
+    source = resolve_model(plan.model_cfg.model)
+    return load_model(plan.model_cfg, source), load_tokenizer(plan.model_cfg, source)
+
+
+def generate_for_plan(plan: ModelPlan, questions: list[Question], cfg: Config) -> tuple[list[dict], dict]:
+    """Load one model, answer every question in each of its columns; (CSV rows, seconds per role)."""
+    model, tokenizer = _load(plan)
+    rows, seconds = [], {}
+    try:
+        for role, prompt_format in plan.roles:
+            if prompt_format == FORMAT_CHAT:
+                require_chat_template(tokenizer, f"{plan.name} (role {role})")
+            prompts = build_prompts(tokenizer, questions, prompt_format, cfg.data.system_prompt)
+            start = time.perf_counter()
+            results = generate_batch(model, tokenizer, prompts, max_new_tokens=cfg.compare.max_new_tokens,
+                                     do_sample=cfg.compare.do_sample, temperature=cfg.compare.temperature,
+                                     batch_size=GENERATION_BATCH_SIZE, seed=cfg.train.seed, progress=role)
+            seconds[role] = time.perf_counter() - start
+            log.info("%s (%s): %d answers in %.1f s", role, plan.name, len(results), seconds[role])
+            rows += [result_row(q, plan, role, prompt_format, tokenizer, r) for q, r in zip(questions, results)]
+    finally:
+        del model
+        gc.collect()  # free one model before the next loads (three 1B models would not fit a laptop)
+    return rows, seconds
+
+
+# ---------------------------------------------------------------- summary
+
+def summarise(rows: list[dict], seconds: dict[str, float]) -> list[dict]:
+    """Per role: how often it stopped by itself, mean answer length, generation speed."""
+    stats = []
+    for role in dict.fromkeys(r["role"] for r in rows):
+        mine = [r for r in rows if r["role"] == role]
+        tokens = sum(r["new_tokens"] for r in mine)
+        stats.append({
+            "role": role, "model": mine[0]["model"], "prompt_format": mine[0]["prompt_format"],
+            "answers": len(mine), "stopped": sum(r["stopped_on_eot"] == "yes" for r in mine),
+            "stop_rate": sum(r["stopped_on_eot"] == "yes" for r in mine) / len(mine),
+            "mean_new_tokens": tokens / len(mine), "generation_seconds": round(seconds[role], 3),
+            "tokens_per_s": round(tokens / seconds[role], 2) if seconds[role] > 0 else 0.0,
+        })
+    return stats
+
+
+def answer_table(questions: list[Question], rows: list[dict]) -> list[dict]:
+    by_key = {(r["question"], r["role"]): r["response"] for r in rows}
+    roles = list(dict.fromkeys(r["role"] for r in rows))
+    return [{"question": q.text, "category": q.category, "language": q.language,
+             "answers": {role: by_key.get((q.text, role), "") for role in roles}} for q in questions]
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def log_summary(stats: list[dict], table: list[dict], note: Optional[str]) -> None:
+    if note:
+        log.info("NOTE: %s", note)
+    width = max(len(s["role"]) for s in stats)
+    log.info("%-*s  %-15s  %-13s  %11s  %9s  %s", width, "role", "prompt format", "stopped itself",
+             "mean tokens", "tokens/s", "model")
+    for s in stats:
+        log.info("%-*s  %-15s  %5d/%-2d (%3.0f%%)  %11.1f  %9.1f  %s", width, s["role"], s["prompt_format"],
+                 s["stopped"], s["answers"], 100 * s["stop_rate"], s["mean_new_tokens"], s["tokens_per_s"], s["model"])
+    for entry in table[:SIDE_BY_SIDE]:
+        log.info("Q: %s", entry["question"])
+        for role, answer in entry["answers"].items():
+            log.info("  [%-*s] %s", width, role, _one_line(answer) or "(empty)")
+
+
+# ---------------------------------------------------------------- task entry
+
+def run(cfg: Config) -> dict:
+    """Answer the question set with every model, write the CSV + summary JSON, log the summary."""
+    validate_compare(cfg)
+    questions = load_questions(cfg.compare.questions)
+    plans, note = plan_models(cfg)
+    for plan in plans:  # fail on a bad model spec before minutes of generation, not after
+        resolve_model(plan.model_cfg.model, flag=plan.flag)
+    if note:
+        log.info("NOTE: %s", note)
+    log.info("Comparing %d question(s) across %s.", len(questions),
+             ", ".join(role for p in plans for role, _ in p.roles))
+    start = time.perf_counter()
+    rows, seconds = [], {}
+    for plan in plans:
+        plan_rows, plan_seconds = generate_for_plan(plan, questions, cfg)
+        rows += plan_rows
+        seconds.update(plan_seconds)
+    out = Path(cfg.run.output_dir)
+    csv_path = atomic_write_csv(out / CSV_NAME, rows, CSV_COLUMNS)
+    stats = summarise(rows, seconds)
+    table = answer_table(questions, rows)
+    summary = {
+        "note": note, "has_base_model": bool(cfg.compare.base_model), "csv": CSV_NAME,
+        "models": stats, "answers": table, "plain_prompt": PLAIN_PROMPT,
+        "settings": {"max_new_tokens": cfg.compare.max_new_tokens, "do_sample": cfg.compare.do_sample,
+                     "temperature": cfg.compare.temperature if cfg.compare.do_sample else None,
+                     "seed": cfg.train.seed, "system_prompt": cfg.data.system_prompt,
+                     "questions": cfg.compare.questions or "built-in", "batch_size": GENERATION_BATCH_SIZE},
+        "total_seconds": round(time.perf_counter() - start, 2), "versions": package_versions(),
+    }
+    summary_path = atomic_write_json(out / SUMMARY_NAME, summary)
+    log_summary(stats, table, note)
+    log.info("Wrote %s and %s", csv_path, summary_path)
+    return {"csv": str(csv_path), "summary": str(summary_path), "models": stats, "note": note}

@@ -1,0 +1,392 @@
+"""Trainer explained: HF ``Trainer`` next to a hand-written loop that gives the same numbers.
+
+    python run_fine_tuning.py --task explain --output_dir results
+    python run_fine_tuning.py --task explain --max_steps 40 --grad_accum 4 --warmup_ratio 0.2
+
+Both runs start from the same LoRA weights (same seed before ``get_peft_model``) and read the
+same batches; everything runs in float32 on CPU with LoRA dropout 0, so any difference is a
+difference in what the two loops *do*. Outputs in ``--output_dir``:
+
+- ``trainer_vs_manual.csv`` / ``.png``: per-step loss, learning rate and gradient norm of both.
+- ``explain_customisation.csv``: a ``compute_loss`` override (label smoothing) against the
+  plain run, step by step; ``explain_summary.json``: every number the report shows.
+- ``explain_trainer_adapter/``, ``explain_manual_adapter/``: the two trained adapters.
+
+The loop itself lives in ``manual_loop.py``; this module sets up both runs, the callback and the
+loss override, compares the results and prints the walkthrough.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from peft import LoraConfig, get_peft_model
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from .artefacts import atomic_directory, atomic_write_csv, atomic_write_json, package_versions
+from .chat import encode_many, pad_batch, require_chat_template
+from .config import Config
+from .data import load_train_eval
+from .errors import UserError
+from .manual_loop import (LoopSettings, StepRecord, causal_lm_loss, relative_difference, train_manually,
+                          trained_token_count, walkthrough, walkthrough_facts)
+from .models import load_model, load_tokenizer, resolve_model
+from .plots import line_plot
+
+log = logging.getLogger(__name__)
+
+# Sizes of the demonstration: small enough for a 2-core CPU (about 3 minutes on SmolLM2-135M).
+EXPLAIN_STEPS = 24            # optimizer steps compared (unless --max_steps is given)
+EXPLAIN_BATCH_SIZE = 2        # sequences per micro-batch
+EXPLAIN_GRAD_ACCUM = 2        # used when --grad_accum is 1: the lesson needs accumulation
+EXPLAIN_MAX_LENGTH = 128      # tokens per conversation (or --max_length when smaller)
+EXPLAIN_EVAL_EXAMPLES = 8     # held-out conversations evaluated at mid-run and at the end
+CUSTOM_STEPS = 6              # steps of each customisation run
+LABEL_SMOOTHING = 0.1         # the compute_loss override's smoothing
+FAULT_STEP = 3                # the callback demo poisons this step's logits with NaN
+PARITY_RTOL = 1e-5
+FILES = {"comparison_csv": "trainer_vs_manual.csv", "comparison_png": "trainer_vs_manual.png",
+         "customisation_csv": "explain_customisation.csv", "summary": "explain_summary.json",
+         "trainer_adapter": "explain_trainer_adapter", "manual_adapter": "explain_manual_adapter"}
+
+
+@dataclass
+class ExplainData:
+    train: list[dict]
+    eval: list[dict]
+    pad_token_id: int
+    source: str
+
+
+def explain_settings(cfg: Config) -> LoopSettings:
+    """The run's hyper-parameters: --lr, --seed, --warmup_ratio, ... plus explain's small sizes."""
+    t = cfg.train
+    steps = t.max_steps if t.max_steps > 0 else EXPLAIN_STEPS
+    return LoopSettings(max_steps=steps, batch_size=EXPLAIN_BATCH_SIZE,
+                        grad_accum=t.grad_accum if t.grad_accum > 1 else EXPLAIN_GRAD_ACCUM, lr=t.lr,
+                        warmup_ratio=t.warmup_ratio, lr_scheduler=t.lr_scheduler, weight_decay=t.weight_decay,
+                        seed=t.seed, eval_steps=max(steps // 2, 1), eval_batch_size=EXPLAIN_BATCH_SIZE)
+
+
+def prepare_data(cfg: Config, tokenizer, settings: LoopSettings) -> ExplainData:
+    """Conversations -> assistant-only labels; one epoch's worth of examples (fewer if the data is small)."""
+    require_chat_template(tokenizer)
+    data = load_train_eval(cfg.data)
+    max_length = min(cfg.data.max_length, EXPLAIN_MAX_LENGTH)
+    needed = settings.max_steps * settings.batch_size * settings.grad_accum
+
+    def encode(conversations, limit):
+        encoded = encode_many(tokenizer, conversations[: limit * 2], max_length=max_length, train_on=cfg.data.train_on)
+        return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if e is not None][:limit]
+
+    train = encode(data.train.conversations, needed)
+    if not train:
+        raise UserError(f"no training conversation keeps an assistant token within {max_length} tokens; "
+                        "pass --max_length 128 or longer, or shorter conversations")
+    eval_examples = encode(data.eval, EXPLAIN_EVAL_EXAMPLES)
+    return ExplainData(train=train, eval=eval_examples, pad_token_id=tokenizer.pad_token_id, source=data.train.source)
+
+
+def build_lora_model(cfg: Config, source, seed: int):
+    """Base model in float32 on CPU with a fresh LoRA adapter; the seed fixes the adapter's start."""
+    base = load_model(replace(cfg.model, dtype="float32", device="cpu", load_8bit=False, load_4bit=False), source)
+    t = cfg.train
+    targets = t.target_modules if t.target_modules == "all-linear" else [m.strip() for m in t.target_modules.split(",")]
+    set_seed(seed)  # lora_A is drawn from the global RNG: same seed, same initial adapter
+    config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha or 2 * t.lora_r, lora_dropout=0.0, target_modules=targets,
+                        use_dora=t.use_dora, use_rslora=t.use_rslora, task_type="CAUSAL_LM")
+    return get_peft_model(base, config)
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    if a.keys() != b.keys():
+        raise RuntimeError("the two runs have different trainable parameters")
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+# ---------------------------------------------------------------- Trainer, its callback, its override
+
+class StepMonitor(TrainerCallback):
+    """A callback: tokens/s and grad norm per step, and a stop on NaN/inf loss or gradients.
+
+    The gradient check sits in ``on_pre_optimizer_step``: by ``on_log`` the optimizer has already
+    written NaN into the weights, and Trainer's ``logging_nan_inf_filter`` replaces a NaN loss in
+    the logs with the running average (0.0 right after a log), so the logged loss can look fine.
+    """
+
+    def __init__(self, stop_after: Optional[int] = None):
+        self.rows: dict[int, dict] = {}
+        self.stopped_at: Optional[int] = None
+        self.stop_after = stop_after   # end early, keeping the full run's lr schedule
+        self._started, self._tokens, self._bar = 0.0, 0, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._bar = tqdm(total=min(state.max_steps, self.stop_after or state.max_steps), desc="Trainer", unit="step",
+                         leave=False)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started, self._tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None):
+            for p in model.parameters():
+                p.grad = None  # AdamW skips parameters without a gradient: the weights stay finite
+            self.stopped_at = state.global_step + 1
+            control.should_training_stop = True
+            log.warning("Step %d: non-finite gradients; the step was skipped and training stopped.", self.stopped_at)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        seconds = time.perf_counter() - self._started
+        tokens = state.num_input_tokens_seen - self._tokens
+        self.rows.setdefault(state.global_step, {})["tokens_per_s"] = tokens / seconds if seconds > 0 else float("nan")
+        self._bar.update(1)
+        if self.stop_after and state.global_step >= self.stop_after:
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.rows.setdefault(state.global_step, {}).update(grad_norm=logs.get("grad_norm"), loss=logs["loss"])
+            self._bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if not math.isfinite(logs["loss"]) or not math.isfinite(logs.get("grad_norm") or 0.0):
+                self.stopped_at = self.stopped_at or state.global_step
+                control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._bar.close()
+
+
+class LabelSmoothingTrainer(Trainer):
+    """A ``compute_loss`` override: label-smoothed CE, still divided by the trained tokens of the
+    whole accumulated batch. It also records the plain CE of the same logits, to measure the effect."""
+
+    def __init__(self, *args, label_smoothing: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_smoothing = label_smoothing
+        self.loss_is_scaled_for_ga = True   # divided by num_items_in_batch here: Trainer must not divide again
+        self.plain_ce: dict[int, float] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        n = num_items_in_batch if num_items_in_batch is not None else max(trained_token_count([inputs]), 1)
+        loss = causal_lm_loss(outputs.logits, inputs["labels"], n, label_smoothing=self.label_smoothing)
+        if model.training:
+            step = self.state.global_step + 1
+            plain = float(causal_lm_loss(outputs.logits.detach(), inputs["labels"], n))
+            self.plain_ce[step] = self.plain_ce.get(step, 0.0) + plain
+        return (loss, outputs) if return_outputs else loss
+
+
+def train_with_trainer(model, data: ExplainData, settings: LoopSettings, work_dir: Path, *,
+                       label_smoothing: float = 0.0, stop_after: Optional[int] = None, evaluate: bool = True,
+                       callbacks: Sequence = ()):
+    """Run HF Trainer with ``settings`` (optionally only the first ``stop_after`` steps of its
+    schedule); returns (trainer, its StepMonitor callback)."""
+    do_eval = evaluate and bool(data.eval) and settings.eval_steps > 0
+    args = TrainingArguments(
+        output_dir=str(work_dir), max_steps=settings.max_steps, per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size, gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr, weight_decay=settings.weight_decay, warmup_steps=settings.warmup_ratio,
+        lr_scheduler_type=settings.lr_scheduler, max_grad_norm=settings.max_grad_norm, seed=settings.seed,
+        adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_epsilon=settings.adam_eps,
+        logging_strategy="steps", logging_steps=1, eval_strategy="steps" if do_eval else "no",
+        eval_steps=settings.eval_steps if do_eval else None, save_strategy="no", report_to="none", use_cpu=True,
+        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding", label_names=["labels"],
+        remove_unused_columns=False, disable_tqdm=True)
+    monitor = StepMonitor(stop_after)
+    kwargs = dict(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval if do_eval else None,
+                  data_collator=lambda examples: pad_batch(examples, data.pad_token_id), callbacks=[monitor, *callbacks])
+    trainer = (LabelSmoothingTrainer(**kwargs, label_smoothing=label_smoothing) if label_smoothing
+               else Trainer(**kwargs))
+    trainer.remove_callback(PrinterCallback)  # our tqdm bar replaces one printed dict per step
+    trainer.train()
+    return trainer, monitor
+
+
+def trainer_step_logs(trainer) -> dict[int, dict]:
+    """{step: {loss, learning_rate, grad_norm, eval_loss?}} from Trainer's log_history."""
+    out: dict[int, dict] = {}
+    for entry in trainer.state.log_history:
+        if "loss" in entry or "eval_loss" in entry:
+            out.setdefault(entry["step"], {}).update({k: v for k, v in entry.items() if k != "step"})
+    return out
+
+
+# ---------------------------------------------------------------- comparison and outputs
+
+def comparison_rows(trainer_logs: dict[int, dict], manual: Sequence[StepRecord], monitor_rows: dict[int, dict]) -> list[dict]:
+    rows = []
+    for rec in manual:
+        t = trainer_logs.get(rec.step)
+        if t is None or "loss" not in t:
+            raise RuntimeError(f"Trainer logged no loss for step {rec.step}")
+        rows.append({
+            "step": rec.step, "trainer_loss": t["loss"], "manual_loss": rec.loss,
+            "abs_diff": abs(t["loss"] - rec.loss), "rel_diff": relative_difference(t["loss"], rec.loss),
+            "trainer_lr": t["learning_rate"], "manual_lr": rec.lr,
+            "trainer_grad_norm": t["grad_norm"], "manual_grad_norm": rec.grad_norm,
+            "grad_norm_rel_diff": relative_difference(t["grad_norm"], rec.grad_norm),
+            "trainer_eval_loss": t.get("eval_loss", ""), "manual_eval_loss": "" if rec.eval_loss is None else rec.eval_loss,
+            "naive_mean_of_means_loss": rec.naive_loss, "trained_tokens": rec.trained_tokens,
+            "input_tokens": rec.input_tokens, "trainer_tokens_per_s": monitor_rows.get(rec.step, {}).get("tokens_per_s", ""),
+            "manual_tokens_per_s": rec.input_tokens / rec.seconds if rec.seconds else "",
+        })
+    return rows
+
+
+def plot_comparison(path: Path, rows: list[dict], custom: list[dict]) -> Path:
+    steps = [r["step"] for r in rows]
+    dashed = {"manual loop": {"linestyle": "--", "marker": "x"}, "Trainer": {"marker": "o", "markersize": 3}}
+
+    def overlay(title: str, ylabel: str, key: str) -> dict:
+        return {"title": title, "xlabel": "optimizer step", "ylabel": ylabel, "styles": dashed,
+                "series": {"Trainer": (steps, [r[f"trainer_{key}"] for r in rows]),
+                           "manual loop": (steps, [r[f"manual_{key}"] for r in rows])}}
+
+    worst = max(r["rel_diff"] for r in rows)
+    panels = [overlay(f"training loss (max rel diff {worst:.1e})", "loss", "loss"),
+              overlay("learning rate", "lr", "lr"),
+              overlay("grad norm before clipping (clip at 1.0)", "L2 norm", "grad_norm")]
+    if custom:
+        cs = [r["step"] for r in custom]
+        panels.append({"title": f"compute_loss override: label smoothing {LABEL_SMOOTHING}", "xlabel": "optimizer step",
+                       "ylabel": "plain CE, smoothed run - plain run",
+                       "series": {"CE gap": (cs, [r["ce_diff"] for r in custom])}})
+    return line_plot(path, panels)
+
+
+def run_customisations(cfg: Config, source, data: ExplainData, settings: LoopSettings, work_dir: Path,
+                       baseline: dict[int, dict]) -> tuple[list[dict], dict]:
+    """The compute_loss override and the NaN-stopping callback, each run for a few real steps."""
+    steps = min(CUSTOM_STEPS, settings.max_steps)
+    model = build_lora_model(cfg, source, settings.seed)
+    smoothed, _ = train_with_trainer(model, data, settings, work_dir / "smoothed", label_smoothing=LABEL_SMOOTHING,
+                                     stop_after=steps, evaluate=False)
+    logs = trainer_step_logs(smoothed)
+    # Same seed, start and batches as the plain run: step by step, only the loss differs.
+    custom = [{"step": s, "baseline_loss": baseline[s]["loss"], "smoothed_objective": logs[s]["loss"],
+               "smoothed_run_ce": smoothed.plain_ce[s], "ce_diff": smoothed.plain_ce[s] - baseline[s]["loss"]}
+              for s in range(1, steps + 1) if s in logs and s in baseline and s in smoothed.plain_ce]
+    del model, smoothed
+
+    model = build_lora_model(cfg, source, settings.seed)
+    fault_step = min(FAULT_STEP, steps)
+    current = {"step": 0}
+
+    class StepCounter(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            current["step"] = state.global_step + 1
+
+    def poison(module, inputs, output):  # a simulated fault: NaN logits during one training step
+        return output * float("nan") if module.training and current["step"] == fault_step else output
+
+    handle = model.get_output_embeddings().register_forward_hook(poison)
+    try:
+        faulty, monitor = train_with_trainer(model, data, settings, work_dir / "fault", stop_after=steps,
+                                             evaluate=False, callbacks=[StepCounter()])
+    finally:
+        handle.remove()
+    logged = trainer_step_logs(faulty).get(fault_step, {})
+    summary = {
+        "label_smoothing": {
+            "factor": LABEL_SMOOTHING, "steps": len(custom),
+            "mean_objective_minus_plain_loss": _mean([r["smoothed_objective"] - r["baseline_loss"] for r in custom]),
+            "mean_ce_diff_smoothed_minus_plain": _mean([r["ce_diff"] for r in custom]),
+            "last_step_ce": {"plain_run": custom[-1]["baseline_loss"], "smoothed_run": custom[-1]["smoothed_run_ce"]}
+            if custom else None},
+        "nan_guard": {"fault_step": fault_step, "planned_steps": steps, "stopped_at_step": monitor.stopped_at,
+                      "steps_run": faulty.state.global_step, "logged_loss_at_fault": logged.get("loss"),
+                      "logged_grad_norm_at_fault": logged.get("grad_norm"),
+                      "adapter_weights_finite": all(bool(torch.isfinite(p).all()) for p in adapter_state(model).values())},
+    }
+    return custom, summary
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def parity_numbers(rows: list[dict], final_adapter_diff: float) -> dict:
+    def worst(key_a: str, key_b: str) -> float:
+        return max(relative_difference(r[key_a], r[key_b]) for r in rows)
+
+    return {"steps": len(rows), "rtol": PARITY_RTOL, "max_rel_diff_loss": max(r["rel_diff"] for r in rows),
+            "max_abs_diff_loss": max(r["abs_diff"] for r in rows), "max_rel_diff_lr": worst("trainer_lr", "manual_lr"),
+            "max_rel_diff_grad_norm": worst("trainer_grad_norm", "manual_grad_norm"),
+            "final_adapter_max_abs_diff": final_adapter_diff,
+            "agree": max(r["rel_diff"] for r in rows) <= PARITY_RTOL}
+
+
+def run(cfg: Config) -> dict:
+    """Train with Trainer and with the manual loop; compare, demonstrate customisation, explain."""
+    started = time.perf_counter()
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = explain_settings(cfg)
+    if cfg.train.lora_dropout or cfg.model.load_8bit or cfg.model.load_4bit or cfg.model.dtype not in ("auto", "float32"):
+        log.info("explain runs float32 on CPU with LoRA dropout 0 (for exact parity); other settings are used as given.")
+    source = resolve_model(cfg.model.model)
+    data = prepare_data(cfg, load_tokenizer(cfg.model, source), settings)
+    log.info("explain: %d training / %d held-out examples, %d steps of %d x %d sequences, lr %g, warm-up %d steps",
+             len(data.train), len(data.eval), settings.max_steps, settings.grad_accum, settings.batch_size,
+             settings.lr, settings.warmup_steps)
+    trainer_model = build_lora_model(cfg, source, settings.seed)
+    manual_model = build_lora_model(cfg, source, settings.seed)
+    if max_abs_difference(adapter_state(trainer_model), adapter_state(manual_model)) != 0.0:
+        raise RuntimeError("the two LoRA adapters start from different weights; the seed did not fix their init")
+    with tempfile.TemporaryDirectory(prefix="explain-") as work:
+        t0 = time.perf_counter()
+        trainer, monitor = train_with_trainer(trainer_model, data, settings, Path(work) / "trainer")
+        with atomic_directory(out / "explain_trainer_adapter", overwrite=True) as tmp:
+            trainer.save_model(str(tmp))
+        t1 = time.perf_counter()
+        manual = train_manually(manual_model, data.train, data.pad_token_id, settings, eval_examples=data.eval,
+                                save_dir=out / "explain_manual_adapter")
+        t2 = time.perf_counter()
+        trainer_logs = trainer_step_logs(trainer)
+        rows = comparison_rows(trainer_logs, manual, monitor.rows)
+        parity = parity_numbers(rows, max_abs_difference(adapter_state(trainer_model), adapter_state(manual_model)))
+        facts = walkthrough_facts(settings, manual, manual_model, rows, train_examples=len(data.train),
+                                  eval_examples=len(data.eval))
+        del trainer, trainer_model, manual_model
+        custom, custom_summary = run_customisations(cfg, source, data, settings, Path(work), trainer_logs)
+
+    atomic_write_csv(out / FILES["comparison_csv"], rows, list(rows[0]))
+    if custom:
+        atomic_write_csv(out / FILES["customisation_csv"], custom, list(custom[0]))
+    plot_comparison(out / FILES["comparison_png"], rows, custom)
+    text = walkthrough(facts, parity)
+    log_results(text, parity, custom_summary)
+    summary = {"task": "explain", "model": cfg.model.model, "data": data.source, "settings": asdict(settings),
+               "parity": parity, "walkthrough": facts, "walkthrough_text": text, "customisation": custom_summary,
+               "seconds": {"trainer": t1 - t0, "manual": t2 - t1, "total": time.perf_counter() - started},
+               "files": FILES, "config": cfg.to_dict(), "versions": package_versions()}
+    atomic_write_json(out / FILES["summary"], summary)
+    log.info("explain: wrote %s in %s (%.0f s)", ", ".join(FILES[k] for k in ("comparison_csv", "comparison_png", "summary")),
+             out, summary["seconds"]["total"])
+    return summary
+
+
+def log_results(text: str, parity: dict, custom: dict) -> None:
+    log.info("%s", text)
+    log.info("Largest relative difference between Trainer and the manual loop: %.3e (%s within rtol %.0e over %d steps)",
+             parity["max_rel_diff_loss"], "agree" if parity["agree"] else "do NOT agree", PARITY_RTOL, parity["steps"])
+    smoothing, guard = custom["label_smoothing"], custom["nan_guard"]
+    if smoothing["steps"]:
+        log.info("compute_loss override (label smoothing %.2f): the objective is %+.4f above the plain loss on average; "
+                 "plain CE of the smoothed run vs the plain run: %+.4f over %d steps.", smoothing["factor"],
+                 smoothing["mean_objective_minus_plain_loss"], smoothing["mean_ce_diff_smoothed_minus_plain"],
+                 smoothing["steps"])
+    log.info("Callback: NaN injected at step %d -> stopped at step %s; the logged loss there was %s "
+             "(logging_nan_inf_filter hides NaN); adapter weights finite: %s.", guard["fault_step"],
+             guard["stopped_at_step"], guard["logged_loss_at_fault"], guard["adapter_weights_finite"])

@@ -79,7 +79,7 @@ def prepare_peft_model(cfg: Config, model, tokenizer):
     if cfg.train.new_tokens:
         from .special_tokens import add_special_tokens, lora_kwargs_for_new_tokens
         new_ids = add_special_tokens(model, tokenizer, cfg.train.new_tokens)
-        extra = lora_kwargs_for_new_tokens(new_ids) if new_ids else {}
+        extra = lora_kwargs_for_new_tokens(new_ids, model=model) if new_ids else {}
         log.info("Added %d new token(s) %s; their embedding rows are trained.", len(new_ids), cfg.train.new_tokens)
     if cfg.model.load_8bit or cfg.model.load_4bit:
         # Casts norms to fp32 and enables input grads so LoRA trains through frozen k-bit layers.
@@ -260,7 +260,9 @@ def save_adapter(model, tokenizer, target: Path, cfg: Config, *, metrics: dict, 
     """Adapter + tokenizer (with its chat template) + run config + versions + metrics, atomically."""
     try:
         with atomic_directory(target, overwrite=overwrite) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            # New tokens' rows are stored by the trainable-token adapter itself; without this PEFT
+            # would also save the whole resized embedding matrix (~113 MB for SmolLM2).
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / "run_config.json", {"settings": cfg.to_dict(), "versions": package_versions()})
             atomic_write_json(tmp / "metrics.json", metrics)

@@ -187,3 +187,29 @@ def test_ctrl_c_saves_the_adapter_so_far(tiny_model_dir, train_data, tmp_path, m
     assert (saved / "adapter_model.safetensors").is_file() and (saved / "tokenizer.json").is_file()
     assert json.loads((saved / "metrics.json").read_text())["interrupted_at_step"] == 3
     assert not (out / "final_model").exists()
+
+
+def test_new_tokens_are_added_and_their_rows_trained(tiny_model_dir, train_data, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fine_tuning_llms.adapters import load_model_with_adapter
+    from fine_tuning_llms.config import ModelConfig
+
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, train_data, out, "--max_steps", "3", "--new_tokens", "<|user|>")) == 0
+    tok = AutoTokenizer.from_pretrained(out / "final_model")
+    base_vocab = len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert len(tok) == base_vocab + 1 and len(tok("<|user|>", add_special_tokens=False)["input_ids"]) == 1
+    new_id = tok.convert_tokens_to_ids("<|user|>")
+    def loaded_rows(seed):
+        torch.manual_seed(seed)  # the resize initialises new rows randomly; the adapter must overwrite them
+        model, _ = load_model_with_adapter(ModelConfig(model=str(tiny_model_dir)), out / "final_model")
+        return model.merge_and_unload().get_input_embeddings().weight.detach()
+
+    rows = loaded_rows(1)
+    torch.testing.assert_close(loaded_rows(2)[new_id], rows[new_id], rtol=0, atol=0)
+    base_rows = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight.detach()
+    assert rows.shape[0] == base_vocab + 1
+    # The new row was trained away from the mean initialisation; old rows are untouched.
+    assert not torch.allclose(rows[new_id], base_rows.mean(0), atol=1e-6)
+    torch.testing.assert_close(rows[:base_vocab], base_rows, rtol=0, atol=0)

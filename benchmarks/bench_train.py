@@ -1,0 +1,249 @@
+"""Training speed: this toolkit's `train` vs TRL's SFTTrainer on the same work, side by side.
+
+    python benchmarks/bench_train.py                       # sample dataset, 1 epoch, embedded model
+    python benchmarks/bench_train.py --levers              # also each speed lever switched off, one at a time
+    python benchmarks/bench_train.py --dataset_path my.jsonl --max_steps 30
+
+Same model (embedded SmolLM2-135M-Instruct), conversations, LoRA config, batch size, max length,
+epochs/steps, learning rate and seed for both; TRL keeps its own defaults for everything else
+(use_cpu=True is set on a CPU-only machine because Trainer refuses bf16 on CPU otherwise). Each
+variant runs in its own process so its peak RSS is its own. Printed for each: non-pad tokens/s,
+wall time of the training loop, peak RSS, final held-out loss (assistant tokens of the held-out
+split, measured the same way for both), and model FLOPs utilisation against this machine's
+measured matmul peak. Also printed: the embedded model's cold (GGUF conversion) and warm load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+
+
+# ------------------------------------------------------------------ helpers run inside a child process
+
+def _eval_loss(model, tokenizer, eval_convs, max_length) -> float:
+    import torch
+
+    from fine_tuning_llms.data_preprocessing import tokenize_conversations
+    from fine_tuning_llms.training import mean_eval_loss
+
+    examples = tokenize_conversations(tokenizer, eval_convs, max_length=max_length, progress=False).examples
+    with torch.no_grad():
+        return mean_eval_loss(model, examples, tokenizer.pad_token_id)
+
+
+def _flops_per_token(model) -> dict:
+    """Useful FLOPs of one LoRA training token: frozen linears need forward + input-gradient
+    matmuls (2 x 2N); LoRA weights also need their weight gradients (3 x 2N_lora); the vocabulary
+    projection is counted separately, only where logits are needed."""
+    import torch
+
+    body = lora = head = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            n = module.in_features * module.out_features
+            if "lora_" in name:
+                lora += n
+            elif name.endswith("lm_head"):
+                head += n
+            else:
+                body += n
+    return {"per_token": 4 * body + 6 * lora, "per_logit_position": 4 * head}
+
+
+def child_toolkit(args, out: Path) -> dict:
+    from fine_tuning_llms.config import Config
+    from fine_tuning_llms.fine_tuning import run
+
+    cfg = Config()
+    cfg.run.task, cfg.run.output_dir = "train", str(out)
+    cfg.data.dataset_path, cfg.data.max_length = args.dataset_path, args.max_length
+    t = cfg.train
+    t.epochs, t.max_steps, t.batch_size, t.lr, t.seed = args.epochs, args.max_steps, args.batch_size, args.lr, args.seed
+    t.lora_r, t.lora_alpha, t.lora_dropout = LORA["r"], LORA["lora_alpha"], LORA["lora_dropout"]
+    t.eval_answers, t.save_steps, t.logging_steps = 0, 10**6, 10
+    t.packing = not args.no_packing
+    t.trained_logits_only = not args.no_trained_logits
+    if args.fp32:
+        cfg.model.dtype = "float32"
+    import fine_tuning_llms.fine_tuning as ft
+
+    captured = {}
+    original = ft.ChatTrainer.train
+
+    def train(self, *a, **k):  # keep the trainer to read its counters and model
+        captured["trainer"] = self
+        return original(self, *a, **k)
+
+    ft.ChatTrainer.train = train
+    metrics = run(cfg)["metrics"]
+    trainer = captured["trainer"]
+    flops = _flops_per_token(trainer.model)
+    useful = trainer.tokens_seen * flops["per_token"] + trainer.trained_tokens_seen * flops["per_logit_position"]
+    return {"tokens": trainer.tokens_seen, "seconds": metrics["train_seconds"],
+            "eval_loss": metrics["eval_loss_after"], "useful_flops": useful, "steps": metrics["global_steps"]}
+
+
+def child_trl(args, out: Path) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from fine_tuning_llms.config import DataConfig, ModelConfig
+    from fine_tuning_llms.data import load_train_eval
+    from fine_tuning_llms.models import load_model, load_tokenizer
+
+    data = load_train_eval(DataConfig(dataset_path=args.dataset_path, max_length=args.max_length))
+    tokenizer = load_tokenizer(ModelConfig())
+    model = load_model(ModelConfig())
+    train_ds = datasets.Dataset.from_list([{"messages": c} for c in data.train.conversations])
+    sft_args = SFTConfig(output_dir=str(out), per_device_train_batch_size=args.batch_size,
+                         num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr,
+                         seed=args.seed, max_length=args.max_length, report_to="none", save_strategy="no",
+                         logging_steps=10, use_cpu=not torch.cuda.is_available())
+    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, processing_class=tokenizer,
+                         peft_config=LoraConfig(**LORA))
+    counted = {"tokens": 0}
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        counted["tokens"] += sum(len(e["input_ids"]) for e in examples)  # non-pad tokens fed forward
+        return collate(examples)
+
+    trainer.data_collator = counting_collator
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    flops = _flops_per_token(trainer.model)
+    # TRL trains every token by default, so every position needs its logits.
+    useful = counted["tokens"] * (flops["per_token"] + flops["per_logit_position"])
+    trainer.model.eval()
+    eval_loss = _eval_loss(trainer.model, tokenizer, data.eval, args.max_length)
+    return {"tokens": counted["tokens"], "seconds": seconds, "eval_loss": eval_loss, "useful_flops": useful,
+            "steps": trainer.state.global_step}
+
+
+def child_load(out: Path) -> dict:
+    from fine_tuning_llms.config import ModelConfig
+    from fine_tuning_llms.models import load_model, load_tokenizer, resolve_model
+
+    start = time.perf_counter()
+    source = resolve_model(ModelConfig().model)
+    load_tokenizer(ModelConfig(), source)
+    load_model(ModelConfig(), source)
+    return {"seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------ parent
+
+def matmul_peak(dtype_name: str, seconds: float = 3.0) -> float:
+    """Best sustained FLOP/s of a large square matmul in this dtype on this machine."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def run_child(kind: str, args, extra: list[str], env: dict | None = None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, "--_child", kind, "--_result", str(result), *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
+        return json.loads(result.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_path", default=None, help="conversations (default: the sample dataset)")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--max_steps", type=int, default=-1)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--levers", action="store_true", help="also run the toolkit with each lever off")
+    parser.add_argument("--skip_load", action="store_true", help="skip the cold/warm model load timing")
+    parser.add_argument("--no_packing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no_trained_logits", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_result", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._child:
+        import logging
+        logging.basicConfig(level=logging.WARNING)
+        with tempfile.TemporaryDirectory() as tmp:
+            fn = {"toolkit": lambda: child_toolkit(args, Path(tmp) / "out"),
+                  "trl": lambda: child_trl(args, Path(tmp) / "out"),
+                  "load": lambda: child_load(Path(tmp))}[args._child]
+            result = fn()
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        Path(args._result).write_text(json.dumps(result))
+        return
+
+    common = [f"--epochs={args.epochs}", f"--max_steps={args.max_steps}", f"--batch_size={args.batch_size}",
+              f"--max_length={args.max_length}", f"--lr={args.lr}", f"--seed={args.seed}"]
+    if args.dataset_path:
+        common.append(f"--dataset_path={args.dataset_path}")
+    print(f"Work: {args.dataset_path or 'sample dataset'}, epochs {args.epochs}, max_steps {args.max_steps}, "
+          f"batch {args.batch_size}, max_length {args.max_length}, lr {args.lr}, LoRA r={LORA['r']} all-linear")
+
+    if not args.skip_load:
+        with tempfile.TemporaryDirectory() as cache:
+            cold = run_child("load", args, [], env={"FINE_TUNING_LLMS_CACHE": cache})
+            warm = run_child("load", args, [], env={"FINE_TUNING_LLMS_CACHE": cache})
+        print(f"Embedded model load: cold (GGUF conversion) {cold['seconds']:.1f} s, warm {warm['seconds']:.2f} s "
+              "(tokenizer + model, fresh process)")
+
+    import torch
+
+    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    peaks = {"bfloat16": matmul_peak("bfloat16") if bf16 else None, "float32": matmul_peak("float32")}
+    print("Matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items() if v))
+
+    variants = [("toolkit train", "toolkit", []), ("TRL SFTTrainer", "trl", [])]
+    if args.levers:
+        variants += [("toolkit, --packing false", "toolkit", ["--no_packing"]),
+                     ("toolkit, --trained_logits_only false", "toolkit", ["--no_trained_logits"]),
+                     ("toolkit, --dtype float32 (no bf16 autocast)", "toolkit", ["--fp32"])]
+    rows = []
+    for label, kind, extra in variants:
+        r = run_child(kind, args, common + extra)
+        peak = peaks["float32"] if "--fp32" in extra or not bf16 else peaks["bfloat16"]
+        r.update(label=label, tokens_per_s=r["tokens"] / r["seconds"], mfu=r["useful_flops"] / r["seconds"] / peak)
+        rows.append(r)
+        print(f"  {label:44s} {r['tokens_per_s']:8.0f} tok/s  {r['seconds']:7.1f} s  {r['steps']:4d} steps  "
+              f"RSS {r['peak_rss_mb']:6.0f} MB  held-out loss {r['eval_loss']:.4f}  MFU {100 * r['mfu']:4.1f}%")
+    ours, trl = rows[0], rows[1]
+    print(f"Speed-up vs TRL: {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s; held-out loss "
+          f"{100 * (ours['eval_loss'] - trl['eval_loss']) / trl['eval_loss']:+.1f}% vs TRL; peak RSS "
+          f"{ours['peak_rss_mb']:.0f} MB vs {trl['peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

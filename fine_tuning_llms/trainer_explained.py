@@ -371,10 +371,21 @@ def run(cfg: Config) -> dict:
                "parity": parity, "walkthrough": facts, "walkthrough_text": text, "customisation": custom_summary,
                "seconds": {"trainer": t1 - t0, "manual": t2 - t1, "total": time.perf_counter() - started},
                "files": FILES, "config": cfg.to_dict(), "versions": package_versions()}
-    atomic_write_json(out / FILES["summary"], summary)
+    atomic_write_json(out / FILES["summary"], json_safe(summary))
     log.info("explain: wrote %s in %s (%.0f s)", ", ".join(FILES[k] for k in ("comparison_csv", "comparison_png", "summary")),
              out, summary["seconds"]["total"])
     return summary
+
+
+def json_safe(value):
+    """NaN/inf as text ("nan"), so the summary stays strict JSON that a browser can parse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def log_results(text: str, parity: dict, custom: dict) -> None:

@@ -52,6 +52,12 @@ def explain_run(tmp_path_factory, tiny_model_dir):
     return out
 
 
+def read_summary(folder) -> dict:
+    def reject(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads((folder / "explain_summary.json").read_text(encoding="utf-8"), parse_constant=reject)
+
+
 def read_csv(path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
@@ -63,7 +69,7 @@ def column(rows: list[dict], name: str) -> torch.Tensor:
 
 def test_manual_loop_matches_trainer_step_by_step(explain_run):
     rows = read_csv(explain_run / "trainer_vs_manual.csv")
-    summary = json.loads((explain_run / "explain_summary.json").read_text(encoding="utf-8"))
+    summary = read_summary(explain_run)
     assert len(rows) >= 20
     assert summary["settings"]["grad_accum"] == 2 and summary["walkthrough"]["warmup_steps"] == 4
     assert summary["walkthrough"]["epochs"] > 2  # the seeded order was re-drawn for later epochs
@@ -86,13 +92,14 @@ def test_explain_writes_its_files_and_walkthrough(explain_run):
     for folder in ("explain_trainer_adapter", "explain_manual_adapter"):
         assert (explain_run / folder / "adapter_config.json").is_file()
     assert not (explain_run / ".explain_work").exists()
-    text = json.loads((explain_run / "explain_summary.json").read_text(encoding="utf-8"))["walkthrough_text"]
+    text = read_summary(explain_run)["walkthrough_text"]
     assert "manual_loop.py:" in text and "steps per epoch" in text and "num_items_in_batch" in text
 
 
 def test_callback_and_compute_loss_override_have_measured_effects(explain_run):
-    summary = json.loads((explain_run / "explain_summary.json").read_text(encoding="utf-8"))["customisation"]
+    summary = read_summary(explain_run)["customisation"]
     guard = summary["nan_guard"]
+    assert guard["logged_grad_norm_at_fault"] == "nan"  # the NaN reached the logs as text: strict JSON
     assert guard["stopped_at_step"] == guard["fault_step"] == guard["steps_run"] < guard["planned_steps"]
     assert guard["adapter_weights_finite"]
     custom = read_csv(explain_run / "explain_customisation.csv")

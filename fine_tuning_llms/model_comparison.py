@@ -237,8 +237,8 @@ def summarise(rows: list[dict], seconds: dict[str, float]) -> list[dict]:
         stats.append({
             "role": role, "model": mine[0]["model"], "prompt_format": mine[0]["prompt_format"],
             "answers": len(mine), "stopped": sum(r["stopped_on_eot"] == "yes" for r in mine),
-            "stop_rate": sum(r["stopped_on_eot"] == "yes" for r in mine) / len(mine),
-            "mean_new_tokens": tokens / len(mine), "generation_seconds": round(seconds[role], 3),
+            "stop_rate": round(sum(r["stopped_on_eot"] == "yes" for r in mine) / len(mine), 3),
+            "mean_new_tokens": round(tokens / len(mine), 2), "generation_seconds": round(seconds[role], 3),
             "tokens_per_s": round(tokens / seconds[role], 2) if seconds[role] > 0 else 0.0,
         })
     return stats

@@ -182,7 +182,7 @@ def test_compare_base_instruct_fine_tuned(models, questions_txt, tmp_path):
     for role in ("base", "instruct", "fine-tuned"):
         mine = [r for r in rows if r["role"] == role]
         assert by_role[role]["stopped"] == sum(r["stopped_on_eot"] == "yes" for r in mine)
-        assert by_role[role]["mean_new_tokens"] == pytest.approx(sum(int(r["new_tokens"]) for r in mine) / 3)
+        assert by_role[role]["mean_new_tokens"] == pytest.approx(sum(int(r["new_tokens"]) for r in mine) / 3, abs=0.005)
     assert [a["question"] for a in summary["answers"]] == QUESTIONS
     assert set(summary["answers"][0]["answers"]) == {"base", "instruct", "fine-tuned"}
     assert result["csv"] == str(out / mc.CSV_NAME)

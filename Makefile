@@ -20,7 +20,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) run_fine_tuning.py
+	# --overwrite_output_dir: running the demo again replaces the demo's own results/final_model/.
+	$(PY) run_fine_tuning.py --overwrite_output_dir
 
 test: install
 	$(PY) -m pytest -q

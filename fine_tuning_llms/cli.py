@@ -248,6 +248,9 @@ def validate(cfg: Config) -> None:
 def run_tasks(cfg: Config) -> dict:
     tasks = available_tasks()
     names = [n for n in ALL_ORDER if n in tasks] if cfg.run.task == "all" else [cfg.run.task]
+    if "train" in names:
+        # Refuse to overwrite an earlier final_model/ now, not after the tasks before train ran.
+        importlib.import_module(tasks["train"]).check_output_dir(cfg)
     results = {}
     for i, name in enumerate(names, 1):
         log.info("=== [%d/%d] task %s ===", i, len(names), name)

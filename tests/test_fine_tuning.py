@@ -213,3 +213,11 @@ def test_new_tokens_are_added_and_their_rows_trained(tiny_model_dir, train_data,
     # The new row was trained away from the mean initialisation; old rows are untouched.
     assert not torch.allclose(rows[new_id], base_rows.mean(0), atol=1e-6)
     torch.testing.assert_close(rows[:base_vocab], base_rows, rtol=0, atol=0)
+
+
+def test_task_all_refuses_an_existing_final_model_before_any_work(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "final_model").mkdir(parents=True)
+    assert main(["--model", str(tiny_model_dir), "--output_dir", str(out)]) == 2
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["final_model"]

@@ -9,6 +9,7 @@ held-out loss and answers *after* → final_model/ (adapter, tokenizer, config, 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from .data import load_train_eval
 from .data_preprocessing import tokenize_conversations
 from .errors import UserError
 from .models import count_parameters, load_model, load_tokenizer, pick_device, resolve_model
+from .packed_attention import register_packed_attention
 from .training import (ChatTrainer, CompleteCheckpointCallback, ExampleDataset, NonFiniteLossError, PackingCollator, PadCollator,
                        TrainingLogCallback, complete_checkpoints, cpu_supports_bf16, mean_eval_loss, perplexity)
 
@@ -118,6 +120,23 @@ def behaviour_rate(answers: list[str]) -> Optional[float]:
     return sum(SIGN_OFF in a or "Lumi" in a for a in answers) / len(answers)
 
 
+def bf16_compute_available(device: torch.device) -> bool:
+    return cpu_supports_bf16() if device.type == "cpu" else torch.cuda.is_bf16_supported()
+
+
+def training_model_config(cfg: Config, device: torch.device):
+    """The base model's settings for training.
+
+    With --dtype auto and bf16 compute available, the *frozen* base weights are loaded in
+    bf16: autocast would cast them to bf16 for every matmul anyway, so this saves that copy
+    each step (~15% on this CPU) and half the memory. LoRA weights and optimizer state stay
+    fp32 (PEFT keeps adapters in fp32).
+    """
+    if cfg.model.dtype == "auto" and bf16_compute_available(device):
+        return dataclasses.replace(cfg.model, dtype="bfloat16")
+    return cfg.model
+
+
 def training_arguments(cfg: Config, checkpoints_dir: Path, device: torch.device, *, has_eval: bool):
     from transformers import TrainingArguments
 
@@ -125,7 +144,7 @@ def training_arguments(cfg: Config, checkpoints_dir: Path, device: torch.device,
     on_cpu = device.type == "cpu"
     # bf16 autocast: ~2x faster matmuls on CPUs with AVX512-BF16/AMX; LoRA weights and optimizer
     # state stay fp32 (autocast only changes the compute dtype).
-    bf16 = (cpu_supports_bf16() if on_cpu else torch.cuda.is_bf16_supported()) and cfg.model.dtype != "float32"
+    bf16 = bf16_compute_available(device) and cfg.model.dtype != "float32"
     fp16 = not on_cpu and not bf16 and cfg.model.dtype in ("auto", "float16")
     return TrainingArguments(
         output_dir=str(checkpoints_dir),
@@ -172,8 +191,10 @@ def run(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model, source)
     chat.require_chat_template(tokenizer, cfg.model.model)
     check_max_length(tokenizer, cfg.data.max_length)  # fail in a second, before loading weights
-    model = load_model(cfg.model, source)
     device = pick_device(cfg.model.device)
+    model = load_model(training_model_config(cfg, device), source)
+    if cfg.train.packing and model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(register_packed_attention())  # per-conversation attention in packed rows
 
     data = load_train_eval(cfg.data)
     train_set = tokenize_conversations(tokenizer, data.train.conversations, max_length=cfg.data.max_length,

@@ -91,3 +91,38 @@ def test_trained_logits_only_gives_same_loss(model_and_examples):
         assert few.shape[1] == n
         part = F.cross_entropy(few[0].float(), targets[keep], reduction="sum")
     torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_sdpa_attention_equals_sequences_run_alone(tiny_model_dir, model_and_examples):
+    """The per-conversation attention path gives the masked result, for loss and for gradients."""
+    from fine_tuning_llms.packed_attention import register_packed_attention
+
+    _, _, examples = model_and_examples
+    masked = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    split = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    split.set_attn_implementation(register_packed_attention())
+    results = []
+    for model in (masked, split):
+        packed = PackingCollator()(examples)
+        labels = packed.pop("labels")
+        loss_sum, n = summed_loss(model(**packed).logits, labels)
+        (loss_sum / n).backward()
+        results.append((loss_sum / n, model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+
+
+def test_packed_sdpa_falls_back_for_padded_batches_and_generation(tiny_model_dir, model_and_examples):
+    from fine_tuning_llms.packed_attention import register_packed_attention
+
+    reference, tok, examples = model_and_examples
+    split = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    split.set_attn_implementation(register_packed_attention())
+    padded = PadCollator(tok.pad_token_id)(examples)
+    padded.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(split(**padded).logits, reference(**padded).logits, rtol=1e-5, atol=1e-5)
+        ids = torch.tensor([examples[0]["input_ids"][:12]])
+        a = split.generate(ids, max_new_tokens=5, do_sample=False)
+        b = reference.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(a, b)

@@ -18,11 +18,18 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a finished file reads like any other
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -62,7 +69,7 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False) -> Iterator[P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the finished folder should read like any other
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the finished folder should read like any other
     try:
         yield tmp
     except BaseException:

@@ -437,3 +437,17 @@ def test_trust_remote_code_only_with_its_flag(tiny_model_dir, data_file, out, mo
         assert all(kwargs.get("trust_remote_code") is expected for _, kwargs in calls), calls
         model_calls = [kwargs for name, kwargs in calls if name == "AutoModelForCausalLM"]
         assert all(kwargs.get("use_safetensors") is True for kwargs in model_calls)  # never pickle without the flag
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    from fine_tuning_llms.artefacts import atomic_directory, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_directory(tmp_path / "folder") as tmp:
+            (tmp / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
+    assert ((tmp_path / "folder").stat().st_mode & 0o777) == 0o755

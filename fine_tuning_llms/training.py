@@ -160,6 +160,7 @@ class TrainingLogCallback(TrainerCallback):
                        tokens_per_s=round((trainer.tokens_seen - n0) / elapsed, 1),
                        trained_tokens_per_s=round((trainer.trained_tokens_seen - m0) / elapsed, 1))
             self._last = (now, trainer.tokens_seen, trainer.trained_tokens_seen)
+            show_on_progress_bar(trainer, loss=f"{logs['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         elif "eval_loss" in logs:
             row["eval_loss"] = logs["eval_loss"]
         else:
@@ -171,6 +172,16 @@ class TrainingLogCallback(TrainerCallback):
         for r in self.rows:
             writer.writerow({k: r.get(k, "") for k in LOG_COLUMNS})
         atomic_write_text(self.path, buf.getvalue())
+
+
+def show_on_progress_bar(trainer, **values) -> None:
+    """Put the latest loss and tokens/s on Trainer's own tqdm bar."""
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
+        if bar is not None:
+            bar.set_postfix(values, refresh=False)
 
 
 class CompleteCheckpointCallback(TrainerCallback):

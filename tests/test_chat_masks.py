@@ -105,3 +105,28 @@ def test_template_that_rewrites_history_warns_and_still_masks(caplog):
     assert "re-renders earlier turns differently" in caplog.text
     trained = tok.decode([t for t, l in zip(enc.input_ids, enc.labels) if l != chat.IGNORE_INDEX])
     assert trained.endswith("Paris.<|im_end|>")
+
+
+@pytest.mark.embedded
+def test_embedded_model_trains_replies_ending_with_im_end_and_nothing_else():
+    from fine_tuning_llms.config import ModelConfig
+    from fine_tuning_llms.data import load_conversations, sample_dataset_path
+    from fine_tuning_llms.models import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig())
+    im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    convs = load_conversations(sample_dataset_path()).conversations[:80]
+    for conv, enc in zip(convs, chat.encode_many(tok, convs)):
+        runs, current = [], []
+        for token, label in zip(enc.input_ids, enc.labels):
+            if label != chat.IGNORE_INDEX:
+                current.append(token)
+            elif current:
+                runs.append(current)
+                current = []
+        runs += [current] if current else []
+        replies = [m["content"] for m in conv if m["role"] == "assistant"]
+        assert len(runs) == len(replies)
+        for run, reply in zip(runs, replies):
+            assert run[-1] == im_end and im_start not in run
+            assert tok.decode(run[:-1]) == reply  # exactly the reply: no system/user/header token trained

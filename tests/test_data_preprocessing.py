@@ -122,3 +122,22 @@ def test_max_length_drops_and_truncates(tiny_model_dir, sample_conversations, wr
     summary = json.loads((out / "processed_conversations.json").read_text())["summary"]
     assert summary["examples_dropped_too_long"] + summary["examples_kept"] == 3
     assert summary["length_percentiles"]["max"] <= 40
+
+
+def test_dataset_from_the_datasets_library(tiny_model_dir, sample_conversations, tmp_path, capsys):
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(sample_conversations * 2)}).save_to_disk(str(folder))
+    out = tmp_path / "out"
+    assert run_cli(["--task", "preprocess", "--model", str(tiny_model_dir), "--dataset", str(folder),
+                    "--dataset_split", "train", "--output_dir", str(out), "--eval_ratio", "0"], capsys)[0] == 0
+    assert json.loads((out / "processed_conversations.json").read_text())["summary"]["examples_kept"] == 6
+
+
+def test_unreachable_dataset_id_is_one_clean_line(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["--task", "preprocess", "--model", str(tiny_model_dir), "--dataset",
+                            "no-such-org/no-such-dataset", "--output_dir", str(out)], capsys)
+    assert code == 2 and err.startswith("error: --dataset no-such-org/no-such-dataset") and "--dataset_path" in err
+    assert not (out / "processed_conversations.json").exists()

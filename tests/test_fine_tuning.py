@@ -3,6 +3,7 @@ after SIGKILL, merged model equals base + adapter, 2-process torchrun."""
 import csv
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -94,17 +95,25 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, train_da
     killed = tmp_path / "killed"
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    env = {**os.environ, "KILL_AT_STEP": "6", "PYTHONPATH": str(ROOT)}
+    kill_at = random.randint(1, 7)  # before, at or after the first checkpoint (saved every 4 steps)
+    env = {**os.environ, "KILL_AT_STEP": str(kill_at), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(script), *train_args(tiny_model_dir, train_data, killed)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (killed / "final_model").exists()
+    from fine_tuning_llms.training import complete_checkpoints
+
+    done = complete_checkpoints(killed / "checkpoints")
+    assert [p.name for p in done] == (["checkpoint-4"] if kill_at >= 4 else []), kill_at
+    for checkpoint in done:  # every completed checkpoint loads
+        assert load_file(checkpoint / "adapter_model.safetensors")
+        assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 4
     assert main(train_args(tiny_model_dir, train_data, killed, "--resume_from_checkpoint", "auto")) == 0
 
     full_losses, resumed_losses = losses(full), losses(killed)
     assert set(resumed_losses) == set(range(1, 9))
-    for step in range(5, 9):
-        assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-5)
+    for step in range(1, 9):
+        assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-5), (kill_at, step)
     a = load_file(full / "final_model" / "adapter_model.safetensors")
     b = load_file(killed / "final_model" / "adapter_model.safetensors")
     for k in a:

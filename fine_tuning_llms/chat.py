@@ -19,11 +19,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,20 @@ class EncodedConversation:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
+def trained_spans(labels: Sequence[int]) -> list[list[int]]:
+    """The runs of trained labels (one per trained reply); each run is those tokens' ids."""
+    spans: list[list[int]] = []
+    previous_trained = False
+    for label in labels:
+        trained = label != IGNORE_INDEX
+        if trained and not previous_trained:
+            spans.append([])
+        if trained:
+            spans[-1].append(label)
+        previous_trained = trained
+    return spans
+
+
 def mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
     """1 for every token whose characters overlap a trained span."""
     mask = []
@@ -207,8 +222,10 @@ def encode_many(tokenizer, conversations: Sequence[Sequence[dict]], *, max_lengt
 
 
 def pad_batch(examples: Sequence[dict], pad_token_id: int, *, pad_to_multiple_of: Optional[int] = None,
-              padding_side: str = "right") -> dict[str, torch.Tensor]:
+              padding_side: str = "right") -> "dict[str, torch.Tensor]":
     """Collate {"input_ids", "labels"} lists into tensors; padding gets label -100 by position."""
+    import torch  # here, so that reading labels (the report) never needs torch
+
     longest = max(len(e["input_ids"]) for e in examples)
     if pad_to_multiple_of:
         longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of

@@ -139,19 +139,9 @@ def run(cfg: Config) -> dict:
     return {"summary": summary, "path": str(path)}
 
 
-def trained_runs(labels: Sequence[int]) -> int:
-    """Number of separate trained spans (one per assistant reply)."""
-    runs, inside = 0, False
-    for label in labels:
-        trained = label != chat.IGNORE_INDEX
-        runs += trained and not inside
-        inside = trained
-    return runs
-
-
 def show_examples(tokenizer, processed: ProcessedData, *, n: int = 2) -> None:
     # Multi-turn examples first: they show that every reply, and only replies, is trained.
-    order = sorted(range(len(processed.examples)), key=lambda i: -trained_runs(processed.examples[i]["labels"]))
+    order = sorted(range(len(processed.examples)), key=lambda i: -len(chat.trained_spans(processed.examples[i]["labels"])))
     legend = "green = trained" if chat.use_colour() else "⟦…⟧ = trained"
     for i in sorted(order[:n]):
         e = processed.examples[i]

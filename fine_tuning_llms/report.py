@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from .artefacts import atomic_write_text
+from .chat import IGNORE_INDEX, trained_spans
 from .config import EMBEDDED_MODEL, Config
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
-IGNORE_INDEX = -100  # same value as chat.IGNORE_INDEX; not imported so the report never pulls in torch
 # Files each task leaves behind; a task counts as run when any of them exists.
 TASK_FILES = {
     "compare": ("model_comparison_results.csv", "comparison_summary.json"),
@@ -358,11 +358,6 @@ def mask_html(pieces: Sequence[str], labels: Sequence[int]) -> Html:
     return Html('<pre class="mask">' + "".join(spans) + "</pre>")
 
 
-def trained_runs(labels: Sequence[int]) -> int:
-    return sum(1 for i, label in enumerate(labels)
-               if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
-
-
 def preprocessing_body(folder: Path) -> str:
     data = read_json(folder / "processed_conversations.json") or {}
     summary, examples = data.get("summary") or {}, data.get("examples") or []
@@ -374,7 +369,7 @@ def preprocessing_body(folder: Path) -> str:
             parts.append("<h3>채팅 템플릿 / Chat template facts</h3>" + key_values(summary["template"]))
     parts.append(image(folder, "token_lengths.png", "token length histogram"))
     # Multi-turn conversations first: they show that every reply, and only the replies, is trained.
-    order = sorted(range(len(examples)), key=lambda i: -trained_runs(examples[i].get("labels") or []))[:2]
+    order = sorted(range(len(examples)), key=lambda i: -len(trained_spans(examples[i].get("labels") or [])))[:2]
     tokenizer = None
     if order and not all(isinstance(examples[i].get("tokens"), list) for i in order) and summary.get("model"):
         try:
@@ -388,7 +383,7 @@ def preprocessing_body(folder: Path) -> str:
         e = examples[i]
         labels = e.get("labels") or []
         trained = sum(label != IGNORE_INDEX for label in labels)
-        parts.append(f"<p>example {i}: {len(labels)} tokens, {trained} trained, {trained_runs(labels)} "
+        parts.append(f"<p>example {i}: {len(labels)} tokens, {trained} trained, {len(trained_spans(labels))} "
                      f"assistant span(s){' (truncated)' if e.get('truncated') else ''}</p>")
         pieces = token_pieces(e, tokenizer)
         if pieces is None:

@@ -38,15 +38,7 @@ def test_every_reply_ends_with_end_of_turn_and_nothing_else_trained(family):
     conv = CONVERSATIONS[1]
     enc = chat.encode_conversation(plain, conv)
     eot_id = plain.convert_tokens_to_ids(END_OF_TURN[name])
-    runs, current = [], []
-    for token, label in zip(enc.input_ids, enc.labels):
-        if label != chat.IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
+    runs = chat.trained_spans(enc.labels)
     assert len(runs) == 2, "one trained span per assistant reply"
     for run in runs:
         assert run[-1] == eot_id
@@ -61,6 +53,12 @@ def test_train_on_last_only(family):
     last = chat.encode_conversation(plain, CONVERSATIONS[1], train_on="last")
     assert 0 < last.trained_token_count < all_turns.trained_token_count
     assert "Paris" in plain.decode([t for t, l in zip(last.input_ids, last.labels) if l != chat.IGNORE_INDEX])
+
+
+def test_trained_spans_are_the_label_runs():
+    ignore = chat.IGNORE_INDEX
+    assert chat.trained_spans([ignore, 5, 6, ignore, ignore, 7]) == [[5, 6], [7]]
+    assert chat.trained_spans([ignore, ignore]) == []
 
 
 def test_no_double_bos():
@@ -117,14 +115,7 @@ def test_embedded_model_trains_replies_ending_with_im_end_and_nothing_else():
     im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
     convs = load_conversations(sample_dataset_path()).conversations[:80]
     for conv, enc in zip(convs, chat.encode_many(tok, convs)):
-        runs, current = [], []
-        for token, label in zip(enc.input_ids, enc.labels):
-            if label != chat.IGNORE_INDEX:
-                current.append(token)
-            elif current:
-                runs.append(current)
-                current = []
-        runs += [current] if current else []
+        runs = chat.trained_spans(enc.labels)
         replies = [m["content"] for m in conv if m["role"] == "assistant"]
         assert len(runs) == len(replies)
         for run, reply in zip(runs, replies):

@@ -221,23 +221,19 @@ def encode_many(tokenizer, conversations: Sequence[Sequence[dict]], *, max_lengt
     return out
 
 
-def pad_batch(examples: Sequence[dict], pad_token_id: int, *, pad_to_multiple_of: Optional[int] = None,
-              padding_side: str = "right") -> "dict[str, torch.Tensor]":
-    """Collate {"input_ids", "labels"} lists into tensors; padding gets label -100 by position."""
+def pad_batch(examples: Sequence[dict], pad_token_id: int) -> "dict[str, torch.Tensor]":
+    """Right-pad {"input_ids", "labels"} lists into tensors; padding gets label -100 by position."""
     import torch  # here, so that reading labels (the report) never needs torch
 
     longest = max(len(e["input_ids"]) for e in examples)
-    if pad_to_multiple_of:
-        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(examples), longest), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
-        sl = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
-        ids[row, sl] = torch.tensor(e["input_ids"], dtype=torch.long)
-        labels[row, sl] = torch.tensor(e["labels"], dtype=torch.long)
-        attention[row, sl] = 1
+        ids[row, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.tensor(e["labels"], dtype=torch.long)
+        attention[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": attention}
 
 

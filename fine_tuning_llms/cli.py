@@ -35,9 +35,6 @@ TASK_MODULES = {
     "chat": "fine_tuning_llms.chat_cli",
     "report": "fine_tuning_llms.report",
 }
-# Tasks that `--task all` runs, in order: each feeds the next (train uses the processed data,
-# compare includes the adapter that train just wrote).
-ALL_ORDER = TASKS_IN_ORDER
 
 
 def available_tasks() -> dict[str, str]:
@@ -247,7 +244,8 @@ def validate(cfg: Config) -> None:
 
 def run_tasks(cfg: Config) -> dict:
     tasks = available_tasks()
-    names = [n for n in ALL_ORDER if n in tasks] if cfg.run.task == "all" else [cfg.run.task]
+    # `--task all` runs TASKS_IN_ORDER: compare comes after train so it includes the new adapter.
+    names = [n for n in TASKS_IN_ORDER if n in tasks] if cfg.run.task == "all" else [cfg.run.task]
     if "train" in names:
         # Refuse to overwrite an earlier final_model/ now, not after the tasks before train ran.
         importlib.import_module(tasks["train"]).check_output_dir(cfg)

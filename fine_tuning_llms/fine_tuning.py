@@ -222,14 +222,13 @@ def run(cfg: Config) -> dict:
     before_answers = generate_answers(model, tokenizer, pairs, label="before") if is_main and pairs else []
     log.info("Before training: held-out loss %.4f (perplexity %.2f)", before_loss, perplexity(before_loss))
 
-    trainer_ref: list = []
-    log_callback = TrainingLogCallback(out / "training_log.csv", trainer_ref)
+    log_callback = TrainingLogCallback(out / "training_log.csv")
     trainer = ChatTrainer(model=model, args=args, train_dataset=ExampleDataset(train_set.examples),
                           eval_dataset=ExampleDataset(eval_set.examples) if eval_set.examples else None,
                           data_collator=PackingCollator() if cfg.train.packing else PadCollator(pad_id),
                           callbacks=[log_callback, CompleteCheckpointCallback()],
                           trained_logits_only=cfg.train.trained_logits_only)
-    trainer_ref.append(trainer)
+    log_callback.trainer = trainer
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume)

@@ -164,8 +164,7 @@ def resolve_model(spec: str, *, flag: str = "--model") -> ModelSource:
                                 f"{flag} {ggufs[0]}")
             raise UserError(f"{flag} {spec} has no config.json; pass the folder that save_pretrained wrote")
         return ModelSource(str(path), "folder", spec)
-    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep in spec and not HUB_ID_PATTERN.match(spec)
-    if looks_local or not HUB_ID_PATTERN.match(spec):
+    if not HUB_ID_PATTERN.match(spec):  # also rejects ./x, /x, ~/x and a/b/c: paths that do not exist
         raise UserError(f"{flag} {spec!r} not found: pass '{EMBEDDED_MODEL}', an existing model folder, "
                         "a .gguf file, or a hub id like org/name")
     cached = _hub_cached(spec)

@@ -41,12 +41,11 @@ class ExampleDataset(torch.utils.data.Dataset):
 class PadCollator:
     """Right-pads a batch; padding gets label -100 *by position*, so pad == eos is harmless."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: Optional[int] = None):
+    def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        return chat.pad_batch(examples, self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of)
+        return chat.pad_batch(examples, self.pad_token_id)
 
 
 def packed_causal_mask(lengths: Sequence[int]) -> torch.Tensor:
@@ -134,14 +133,14 @@ class ChatTrainer(Trainer):
 class TrainingLogCallback(TrainerCallback):
     """Rewrites training_log.csv (atomically) at every log event, with tokens/s since the last one."""
 
-    def __init__(self, path: Path, trainer_ref: list):
+    def __init__(self, path: Path):
         self.path = Path(path)
         self.rows: list[dict] = []
-        self.trainer_ref = trainer_ref  # filled after the Trainer exists (it needs the callback first)
+        self.trainer: Optional[ChatTrainer] = None  # set once the Trainer exists (it takes the callback first)
         self._last = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self.trainer_ref[0]
+        trainer = self.trainer
         self._last = (time.perf_counter(), trainer.tokens_seen, trainer.trained_tokens_seen)
         if self.path.exists() and state.global_step > 0:  # resumed: keep the rows written before the kill
             with open(self.path, newline="", encoding="utf-8") as fh:
@@ -150,7 +149,7 @@ class TrainingLogCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not args.should_save or not logs:
             return
-        trainer = self.trainer_ref[0]
+        trainer = self.trainer
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if "loss" in logs:
             now = time.perf_counter()

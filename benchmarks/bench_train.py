@@ -9,7 +9,8 @@ epochs/steps, learning rate and seed for both; TRL keeps its own defaults for ev
 (use_cpu=True is set on a CPU-only machine because Trainer refuses bf16 on CPU otherwise). Each
 variant runs in its own process so its peak RSS is its own. Printed for each: non-pad tokens/s,
 wall time of the training loop, peak RSS, final held-out loss (assistant tokens of the held-out
-split, measured the same way for both), and model FLOPs utilisation against this machine's
+split, measured the same way for both: the saved adapter on a fresh fp32 base, no autocast), and
+model FLOPs utilisation against this machine's
 measured matmul peak. Also printed: the embedded model's cold (GGUF conversion) and warm load.
 """
 from __future__ import annotations
@@ -41,15 +42,24 @@ LORA = _default_lora()
 
 # ------------------------------------------------------------------ helpers run inside a child process
 
-def _eval_loss(model, tokenizer, eval_convs, max_length) -> float:
+def _eval_adapter(adapter_dir: Path, eval_convs, max_length) -> float:
+    """Held-out loss of a saved adapter, measured the same way for every variant: a fresh fp32
+    base model + the adapter, no autocast, token-weighted over assistant tokens."""
     import torch
+    from peft import PeftModel
 
+    from fine_tuning_llms.config import ModelConfig
     from fine_tuning_llms.data_preprocessing import tokenize_conversations
+    from fine_tuning_llms.models import load_model, load_tokenizer
+    from fine_tuning_llms.packed_attention import register_packed_attention
     from fine_tuning_llms.training import mean_eval_loss
 
+    tokenizer = load_tokenizer(ModelConfig())
+    model = PeftModel.from_pretrained(load_model(ModelConfig(dtype="float32")), str(adapter_dir))
+    model.base_model.model.set_attn_implementation(register_packed_attention())
     examples = tokenize_conversations(tokenizer, eval_convs, max_length=max_length, progress=False).examples
     with torch.no_grad():
-        return mean_eval_loss(model, examples, tokenizer.pad_token_id)
+        return mean_eval_loss(model, examples, tokenizer.pad_token_id, packed=True)
 
 
 def _flops_per_token(model) -> dict:
@@ -100,8 +110,12 @@ def child_toolkit(args, out: Path) -> dict:
     trainer = captured["trainer"]
     flops = _flops_per_token(trainer.model)
     useful = trainer.tokens_seen * flops["per_token"] + trainer.trained_tokens_seen * flops["per_logit_position"]
+    from fine_tuning_llms.data import load_train_eval
+
+    eval_convs = load_train_eval(cfg.data).eval
     return {"tokens": trainer.tokens_seen, "seconds": metrics["train_seconds"],
-            "eval_loss": metrics["eval_loss_after"], "useful_flops": useful, "steps": metrics["global_steps"]}
+            "eval_loss": _eval_adapter(out / "final_model", eval_convs, args.max_length), "useful_flops": useful,
+            "steps": metrics["global_steps"]}
 
 
 def child_trl(args, out: Path) -> dict:
@@ -138,8 +152,8 @@ def child_trl(args, out: Path) -> dict:
     flops = _flops_per_token(trainer.model)
     # TRL trains every token by default, so every position needs its logits.
     useful = counted["tokens"] * (flops["per_token"] + flops["per_logit_position"])
-    trainer.model.eval()
-    eval_loss = _eval_loss(trainer.model, tokenizer, data.eval, args.max_length)
+    trainer.model.save_pretrained(out / "adapter")
+    eval_loss = _eval_adapter(out / "adapter", data.eval, args.max_length)
     return {"tokens": counted["tokens"], "seconds": seconds, "eval_loss": eval_loss, "useful_flops": useful,
             "steps": trainer.state.global_step}
 

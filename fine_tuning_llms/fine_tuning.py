@@ -207,6 +207,9 @@ def run(cfg: Config) -> dict:
              train_set.summary()["trained_tokens"], eval_set.kept, data.eval_source)
 
     model, new_ids = prepare_peft_model(cfg, model, tokenizer)
+    if cfg.train.lora_kernel:
+        from .lora_kernel import use_lora_kernel
+        log.info("LoRA kernel: %d of the LoRA layers train through the fused node", use_lora_kernel(model))
     trainable, total = count_parameters(model)
     log.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     log.info("Resolved settings:\n%s", format_settings(cfg))
@@ -218,7 +221,8 @@ def run(cfg: Config) -> dict:
     is_main = args.process_index == 0
 
     # Cheap sanity check before the long part: held-out loss and answers of the untouched model.
-    before_loss = mean_eval_loss(model, eval_set.examples, pad_id, autocast_dtype=autocast)
+    packed = cfg.train.packing
+    before_loss = mean_eval_loss(model, eval_set.examples, pad_id, autocast_dtype=autocast, packed=packed)
     before_answers = generate_answers(model, tokenizer, pairs, label="before") if is_main and pairs else []
     log.info("Before training: held-out loss %.4f (perplexity %.2f)", before_loss, perplexity(before_loss))
 
@@ -227,7 +231,7 @@ def run(cfg: Config) -> dict:
                           eval_dataset=ExampleDataset(eval_set.examples) if eval_set.examples else None,
                           data_collator=PackingCollator() if cfg.train.packing else PadCollator(pad_id),
                           callbacks=[log_callback, CompleteCheckpointCallback()],
-                          trained_logits_only=cfg.train.trained_logits_only)
+                          trained_logits_only=cfg.train.trained_logits_only, packed=packed, pad_token_id=pad_id)
     log_callback.trainer = trainer
     start = time.perf_counter()
     try:
@@ -244,7 +248,10 @@ def run(cfg: Config) -> dict:
         raise
     seconds = time.perf_counter() - start
 
-    after_loss = mean_eval_loss(model, eval_set.examples, pad_id, autocast_dtype=autocast)
+    if trainer.last_eval and trainer.last_eval[0] == trainer.state.global_step:
+        after_loss = trainer.last_eval[1]  # Trainer evaluates after the last step already, the same way
+    else:
+        after_loss = mean_eval_loss(model, eval_set.examples, pad_id, autocast_dtype=autocast, packed=packed)
     log.info("After training: held-out loss %.4f (perplexity %.2f), was %.4f", after_loss, perplexity(after_loss),
              before_loss)
     if not is_main:

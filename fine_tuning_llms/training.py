@@ -84,17 +84,20 @@ class NonFiniteLossError(RuntimeError):
 
 
 class ChatTrainer(Trainer):
-    """HF Trainer + guards and one speed-up.
+    """HF Trainer + guards and speed-ups.
 
     - counts real (non-pad) tokens for tokens/s, and stops on a NaN/inf loss;
-    - ``trained_logits_only``: the vocabulary projection (lm_head) runs only at positions whose
-      next token is trained, via the model's ``logits_to_keep``; with a 49k vocabulary that is a
-      large share of each step, and the prompt positions never needed logits.
+    - ``trained_logits_only``: logits only where a label is (``trained_token_loss``);
+    - held-out evaluation the same way as before/after training, packed (``evaluate``).
     """
 
-    def __init__(self, *args, trained_logits_only: bool = False, **kwargs):
+    def __init__(self, *args, trained_logits_only: bool = False, packed: bool = False, pad_token_id: int = 0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.trained_logits_only = trained_logits_only
+        self.packed, self.pad_token_id = packed, pad_token_id
+        self.autocast_dtype = torch.bfloat16 if self.args.bf16 else (torch.float16 if self.args.fp16 else None)
+        self.last_eval: Optional[tuple[int, float]] = None  # (step, held-out loss) of the latest evaluate()
         self.tokens_seen = 0          # non-pad tokens fed forward
         self.trained_tokens_seen = 0  # tokens with a label
 
@@ -113,11 +116,7 @@ class ChatTrainer(Trainer):
                 self.loss_is_scaled_for_ga = None  # let Trainer decide, as without this override
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        inputs = dict(inputs)
-        targets = inputs.pop("labels")[0, 1:]                      # (T-1,) token t+1 is predicted at t
-        keep = (targets != chat.IGNORE_INDEX).nonzero().squeeze(1)  # (N,) positions that need logits
-        outputs = model(**inputs, logits_to_keep=keep)              # logits: (1, N, vocab)
-        loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum")
+        loss, n, outputs = trained_token_loss(model, inputs)
         # Same normalisation as Trainer: by the trained tokens of the whole accumulated batch.
         if num_items_in_batch is not None:
             loss = loss / num_items_in_batch
@@ -125,9 +124,38 @@ class ChatTrainer(Trainer):
                 loss = loss * self.args.world_size  # DDP averages gradients over processes
             self.loss_is_scaled_for_ga = True
         else:
-            loss = loss / max(len(keep), 1)
+            loss = loss / max(n, 1)
             self.loss_is_scaled_for_ga = False
         return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Held-out loss as `train` reports it before and after training (token-weighted over trained
+        tokens), computed packed when training is packed. Trainer's own loop would pad every batch
+        and compute all 49k-vocabulary logits, the largest memory peak of a run."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        loss = mean_eval_loss(self.model, dataset.examples, self.pad_token_id,
+                              batch_size=self.args.per_device_eval_batch_size, autocast_dtype=self.autocast_dtype,
+                              packed=self.packed)
+        metrics = {f"{metric_key_prefix}_loss": loss}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self.last_eval = (self.state.global_step, loss)
+        return metrics
+
+
+def trained_token_loss(model, inputs: dict) -> tuple[torch.Tensor, int, object]:
+    """Summed cross-entropy over the trained tokens of one packed row, their count, model outputs.
+
+    The vocabulary projection (lm_head) runs only where the next token has a label, via the
+    model's ``logits_to_keep``; with a 49k vocabulary that is a large share of each step, and
+    the prompt positions never needed logits.
+    """
+    inputs = dict(inputs)
+    targets = inputs.pop("labels")[0, 1:]                      # (T-1,) token t+1 is predicted at t
+    keep = (targets != chat.IGNORE_INDEX).nonzero().squeeze(1)  # (N,) positions that need logits
+    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)  # logits: (1, N, vocab)
+    loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum")
+    return loss, len(keep), outputs
 
 
 class TrainingLogCallback(TrainerCallback):
@@ -217,22 +245,35 @@ def cpu_supports_bf16() -> bool:
 
 
 def mean_eval_loss(model, examples: Sequence[dict], pad_token_id: int, *, batch_size: int = 8,
-                   autocast_dtype: Optional[torch.dtype] = None) -> float:
-    """Token-weighted mean loss over trained tokens (the number perplexity is made of)."""
+                   autocast_dtype: Optional[torch.dtype] = None, packed: bool = False) -> float:
+    """Token-weighted mean loss over trained tokens (the number perplexity is made of).
+
+    ``packed``: each batch laid end to end in one row with logits only at trained positions,
+    the same numbers at a fraction of the memory (padded batches hold batch x length x vocab
+    logits); it needs a model that isolates packed sequences (packed_sdpa or SDPA with the
+    block-diagonal mask, as in training).
+    """
     if not examples:
         return float("nan")
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
+    was_training = model.training
     model.eval()
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            batch = chat.pad_batch(examples[start:start + batch_size], pad_token_id)
+            chunk = examples[start:start + batch_size]
+            batch = PackingCollator()(chunk) if packed else chat.pad_batch(chunk, pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            n = int((batch["labels"][:, 1:] != chat.IGNORE_INDEX).sum())
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = model(**batch)
-            total_loss += float(out.loss) * n
+                if packed:
+                    loss_sum, n, _ = trained_token_loss(model, batch)
+                    loss_sum = float(loss_sum)
+                else:
+                    n = int((batch["labels"][:, 1:] != chat.IGNORE_INDEX).sum())
+                    loss_sum = float(model(**batch, use_cache=False).loss) * n
+            total_loss += loss_sum
             total_tokens += n
+    model.train(was_training)
     return total_loss / max(total_tokens, 1)
 
 

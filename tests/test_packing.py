@@ -126,3 +126,36 @@ def test_packed_sdpa_falls_back_for_padded_batches_and_generation(tiny_model_dir
         a = split.generate(ids, max_new_tokens=5, do_sample=False)
         b = reference.generate(ids, max_new_tokens=5, do_sample=False)
     assert torch.equal(a, b)
+
+
+def test_packed_sdpa_runs_cpu_pieces_in_fp32_even_under_autocast():
+    """bf16 inputs: each conversation's attention is computed in fp32 (faster backward on CPU and
+    more exact), so the result is the fp32 computation rounded once to bf16."""
+    from fine_tuning_llms.packed_attention import packed_sdpa_forward
+
+    torch.manual_seed(0)
+    lengths = [5, 9, 3]
+    q = torch.randn(1, 4, sum(lengths), 8).bfloat16()
+    k, v = torch.randn(1, 2, sum(lengths), 8).bfloat16(), torch.randn(1, 2, sum(lengths), 8).bfloat16()
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = packed_sdpa_forward(None, q, k, v, None, scaling=8 ** -0.5, position_ids=position_ids)
+    expected, start = [], 0
+    for n in lengths:
+        piece = slice(start, start + n)
+        expected.append(F.scaled_dot_product_attention(
+            q[:, :, piece].float(), k[:, :, piece].float().repeat_interleave(2, 1),
+            v[:, :, piece].float().repeat_interleave(2, 1), is_causal=True, scale=8 ** -0.5))
+        start += n
+    expected = torch.cat(expected, dim=2).bfloat16().transpose(1, 2)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, sum(lengths), 4, 8)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_packed_eval_loss_equals_padded(model_and_examples):
+    from fine_tuning_llms.training import mean_eval_loss
+
+    model, tok, examples = model_and_examples
+    padded = mean_eval_loss(model, examples * 3, tok.pad_token_id, batch_size=4)
+    packed = mean_eval_loss(model, examples * 3, tok.pad_token_id, batch_size=4, packed=True)
+    assert abs(packed - padded) < 1e-4 * padded

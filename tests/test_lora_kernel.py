@@ -1,0 +1,75 @@
+"""The fused LoRA training node computes exactly what PEFT computes, and only where it should."""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from fine_tuning_llms.lora_kernel import LoraLinearFunction, use_lora_kernel
+
+
+def test_backward_matches_numerical_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 5, dtype=torch.float64)
+    a = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: LoraLinearFunction.apply(x, weight, a, b, 0.7), (x, a, b))
+
+
+def lora_model(model_dir, **lora):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    settings = dict(r=4, lora_alpha=12, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, LoraConfig(**{**settings, **lora}))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; give it values so every gradient path is exercised
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def loss_and_grads(model, ids):
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def test_training_step_equals_peft(tiny_model_dir):
+    ids = torch.randint(0, 300, (2, 11))
+    model = lora_model(tiny_model_dir)
+    peft_loss, peft_grads = loss_and_grads(model, ids)
+    assert use_lora_kernel(model) == 7 * model.config.num_hidden_layers
+    kernel_loss, kernel_grads = loss_and_grads(model, ids)
+    torch.testing.assert_close(kernel_loss, peft_loss, rtol=1e-6, atol=1e-6)
+    assert kernel_grads.keys() == peft_grads.keys()
+    for name in peft_grads:
+        torch.testing.assert_close(kernel_grads[name], peft_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_kernel_runs_only_while_training_with_gradients(tiny_model_dir, monkeypatch):
+    calls = []
+    original = LoraLinearFunction.apply
+    monkeypatch.setattr(LoraLinearFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    model = lora_model(tiny_model_dir)
+    use_lora_kernel(model)
+    ids = torch.randint(0, 300, (1, 9))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert calls == []
+    model.train()
+    with model.disable_adapter():  # adapters off: the base model alone, through PEFT's own path
+        without_adapter = model(input_ids=ids).logits
+    assert calls == []
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.testing.assert_close(without_adapter, base(input_ids=ids).logits)
+    model(input_ids=ids).logits.sum().backward()
+    assert len(calls) == 7 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("lora", [dict(lora_dropout=0.1), dict(use_dora=True)])
+def test_layers_it_cannot_reproduce_keep_peft(tiny_model_dir, lora):
+    assert use_lora_kernel(lora_model(tiny_model_dir, **lora)) == 0

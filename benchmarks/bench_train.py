@@ -94,6 +94,7 @@ def child_toolkit(args, out: Path) -> dict:
     t.eval_answers, t.save_steps, t.logging_steps = 0, 10**6, 10
     t.packing = not args.no_packing
     t.trained_logits_only = not args.no_trained_logits
+    t.fused_kernels = not args.no_fused_kernels
     if args.fp32:
         cfg.model.dtype = "float32"
     import fine_tuning_llms.fine_tuning as ft
@@ -219,7 +220,10 @@ def main() -> None:
     parser.add_argument("--skip_load", action="store_true", help="skip the cold/warm model load timing")
     parser.add_argument("--no_packing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no_trained_logits", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no_fused_kernels", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["toolkit", "trl"], default=None,
+                        help="run just one side (no ratio); for quick checks")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -263,7 +267,10 @@ def main() -> None:
     if args.levers:
         variants += [("toolkit, --packing false", "toolkit", ["--no_packing"]),
                      ("toolkit, --trained_logits_only false", "toolkit", ["--no_trained_logits"]),
+                     ("toolkit, --fused_kernels false", "toolkit", ["--no_fused_kernels"]),
                      ("toolkit, --dtype float32 (no bf16 autocast)", "toolkit", ["--fp32"])]
+    if args.only:
+        variants = [v for v in variants if v[1] == args.only and not v[2]]
     rows = [run_child(kind, args, common + extra) | {"label": label, "fp32": "--fp32" in extra}
             for label, kind, extra in variants]
     # The peak is measured before and after the runs and the higher kept: a busy moment lowers
@@ -276,6 +283,8 @@ def main() -> None:
         r.update(tokens_per_s=r["tokens"] / r["seconds"], mfu=r["useful_flops"] / r["seconds"] / peak)
         print(f"  {r['label']:44s} {r['tokens_per_s']:8.0f} tok/s  {r['seconds']:7.1f} s  {r['steps']:4d} steps  "
               f"RSS {r['peak_rss_mb']:6.0f} MB  held-out loss {r['eval_loss']:.4f}  MFU {100 * r['mfu']:4.1f}%")
+    if args.only:
+        return
     ours, trl = rows[0], rows[1]
     print(f"Speed-up vs TRL: {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s; held-out loss "
           f"{100 * (ours['eval_loss'] - trl['eval_loss']) / trl['eval_loss']:+.1f}% vs TRL; peak RSS "

@@ -90,8 +90,9 @@ class TrainConfig:
                        "attention mask (exact; no compute spent on padding). --packing false pads instead.")
     trained_logits_only: bool = _f(True, "Compute the vocabulary projection only where a token is trained "
                                    "(faster, same loss). --trained_logits_only false computes all logits.")
-    lora_kernel: bool = _f(True, "While training, run each plain LoRA layer as one fused autograd node "
-                           "(same maths and parameters as PEFT, fewer ops). --lora_kernel false uses PEFT's forward.")
+    fused_kernels: bool = _f(True, "While training, run each plain LoRA layer and RMSNorm as one autograd node "
+                             "(same maths and parameters, fewer ops). --fused_kernels false uses PEFT's and "
+                             "transformers' own forward.")
     new_tokens: list[str] = _f([], "Special tokens to add before training; their embedding rows are trained "
                                "(PEFT trainable_token_indices).", nargs="*")
 

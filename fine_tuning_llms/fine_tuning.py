@@ -207,9 +207,9 @@ def run(cfg: Config) -> dict:
              train_set.summary()["trained_tokens"], eval_set.kept, data.eval_source)
 
     model, new_ids = prepare_peft_model(cfg, model, tokenizer)
-    if cfg.train.lora_kernel:
-        from .lora_kernel import use_lora_kernel
-        log.info("LoRA kernel: %d of the LoRA layers train through the fused node", use_lora_kernel(model))
+    if cfg.train.fused_kernels:
+        from .kernels import use_fused_kernels
+        log.info("Fused kernels: %d LoRA/RMSNorm layers train through one autograd node each", use_fused_kernels(model))
     trainable, total = count_parameters(model)
     log.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     log.info("Resolved settings:\n%s", format_settings(cfg))

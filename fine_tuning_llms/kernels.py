@@ -1,4 +1,4 @@
-"""One autograd node for a LoRA linear layer in training: y = x W^T + s (x A^T) B^T.
+"""Training kernels: a LoRA linear layer and an RMSNorm, each as one autograd node.
 
 PEFT computes a LoRA layer as a chain of modules: the base linear, a cast of the input to the
 adapter's fp32, autocast casting it back (and A, B) to bf16, two thin matmuls, a scale, an add
@@ -14,7 +14,11 @@ checkpoints and saved adapters are unchanged; only the compute path is. It is us
 training with gradients on plain LoRA layers (no DoRA, no dropout, unquantised float base
 weights); everything else, eval and generation included, keeps PEFT's code.
 
-    patched = use_lora_kernel(peft_model)   # number of LoRA layers that will take this path
+RMSNorm gets the same treatment (``RMSNormFunction``): transformers' LlamaRMSNorm is eight
+autograd ops forward and about twelve backward, 2.1 ms per call on a 617-token row here; as one
+node with a hand-written backward it is 0.6 ms, and a Llama model calls it 2 x layers + 1 times.
+
+    patched = use_fused_kernels(peft_model)   # number of layers that will take these paths
 """
 from __future__ import annotations
 
@@ -55,6 +59,35 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """y = weight * (x / rms(x)) with the statistics in fp32, as LlamaRMSNorm; gradient for x only
+    (the norm weights are frozen under LoRA)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32), copy=True)  # a copy: it is scaled in place
+        inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))   # (..., 1)
+        ctx.save_for_backward(x, weight, inv_rms)
+        return weight * xf.mul_(inv_rms).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, inv_rms = ctx.saved_tensors
+        normed = x.to(inv_rms.dtype) * inv_rms
+        grad_normed = (grad_y * weight).to(inv_rms.dtype)
+        # d/dx of x * rsqrt(mean(x^2)): (g - n * mean(g * n)) / rms
+        dot = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = grad_normed.sub_(normed.mul_(dot)).mul_(inv_rms)
+        return grad_x.to(x.dtype), None, None
+
+
+def _rmsnorm_forward(self, hidden_states):
+    """LlamaRMSNorm.forward, except in training with gradients where the fused node runs."""
+    if not (self.training and torch.is_grad_enabled()) or self.weight.requires_grad:
+        return type(self).forward(self, hidden_states)
+    return RMSNormFunction.apply(hidden_states, self.weight, float(self.variance_epsilon))
+
+
 def _plain_adapter(module) -> str | None:
     """The layer's one active plain-LoRA adapter if this kernel reproduces it exactly, else None."""
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -91,10 +124,17 @@ def _kernel_forward(self, x, *args, **kwargs):
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def use_lora_kernel(model: torch.nn.Module) -> int:
-    """Route every qualifying LoRA linear layer of ``model`` through the kernel while training."""
+def use_fused_kernels(model: torch.nn.Module) -> int:
+    """Route every qualifying LoRA linear layer and Llama RMSNorm of ``model`` through the fused
+    nodes while training; returns how many modules were routed."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
     patched = 0
     for module in model.modules():
+        if type(module) is LlamaRMSNorm:  # exactly this maths (Gemma's norm, for one, scales by 1 + w)
+            module.forward = types.MethodType(_rmsnorm_forward, module)
+            patched += 1
+            continue
         name = _plain_adapter(module)
         if name is None:
             continue

@@ -1,10 +1,10 @@
-"""The fused LoRA training node computes exactly what PEFT computes, and only where it should."""
+"""The fused training nodes compute exactly what PEFT and transformers compute, and only where they should."""
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from fine_tuning_llms.lora_kernel import LoraLinearFunction, use_lora_kernel
+from fine_tuning_llms.kernels import LoraLinearFunction, RMSNormFunction, use_fused_kernels
 
 
 def test_backward_matches_numerical_gradients():
@@ -14,6 +14,25 @@ def test_backward_matches_numerical_gradients():
     a = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, a, b: LoraLinearFunction.apply(x, weight, a, b, 0.7), (x, a, b))
+
+
+def test_rmsnorm_backward_matches_numerical_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(8, dtype=torch.float64) + 0.5
+    assert torch.autograd.gradcheck(lambda x: RMSNormFunction.apply(x, weight, 1e-6), (x,))
+
+
+def test_rmsnorm_forward_equals_transformers():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(8, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 8).to(dtype)
+        torch.testing.assert_close(RMSNormFunction.apply(x, norm.weight.detach().to(dtype), 1e-5),
+                                   norm.to(dtype)(x), rtol=0, atol=0 if dtype == torch.float32 else 1e-2)
 
 
 def lora_model(model_dir, **lora):
@@ -40,7 +59,8 @@ def test_training_step_equals_peft(tiny_model_dir):
     ids = torch.randint(0, 300, (2, 11))
     model = lora_model(tiny_model_dir)
     peft_loss, peft_grads = loss_and_grads(model, ids)
-    assert use_lora_kernel(model) == 7 * model.config.num_hidden_layers
+    layers = model.config.num_hidden_layers
+    assert use_fused_kernels(model) == 7 * layers + 2 * layers + 1  # LoRA linears + RMSNorms
     kernel_loss, kernel_grads = loss_and_grads(model, ids)
     torch.testing.assert_close(kernel_loss, peft_loss, rtol=1e-6, atol=1e-6)
     assert kernel_grads.keys() == peft_grads.keys()
@@ -53,7 +73,7 @@ def test_kernel_runs_only_while_training_with_gradients(tiny_model_dir, monkeypa
     original = LoraLinearFunction.apply
     monkeypatch.setattr(LoraLinearFunction, "apply", lambda *a: calls.append(1) or original(*a))
     model = lora_model(tiny_model_dir)
-    use_lora_kernel(model)
+    use_fused_kernels(model)
     ids = torch.randint(0, 300, (1, 9))
     model.eval()
     with torch.no_grad():
@@ -72,4 +92,5 @@ def test_kernel_runs_only_while_training_with_gradients(tiny_model_dir, monkeypa
 
 @pytest.mark.parametrize("lora", [dict(lora_dropout=0.1), dict(use_dora=True)])
 def test_layers_it_cannot_reproduce_keep_peft(tiny_model_dir, lora):
-    assert use_lora_kernel(lora_model(tiny_model_dir, **lora)) == 0
+    layers = lora_model(tiny_model_dir).config.num_hidden_layers
+    assert use_fused_kernels(lora_model(tiny_model_dir, **lora)) == 2 * layers + 1  # the norms only

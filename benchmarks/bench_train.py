@@ -7,11 +7,13 @@
 Same model (embedded SmolLM2-135M-Instruct), conversations, LoRA config, batch size, max length,
 epochs/steps, learning rate and seed for both; TRL keeps its own defaults for everything else
 (use_cpu=True is set on a CPU-only machine because Trainer refuses bf16 on CPU otherwise). Each
-variant runs in its own process so its peak RSS is its own. Printed for each: non-pad tokens/s,
-wall time of the training loop, peak RSS, final held-out loss (assistant tokens of the held-out
-split, measured the same way for both: the saved adapter on a fresh fp32 base, no autocast), and
-model FLOPs utilisation against this machine's
-measured matmul peak. Also printed: the embedded model's cold (GGUF conversion) and warm load.
+variant trains in its own process so its peak RSS is its own. Printed for each: non-pad tokens/s
+and wall time of the training loop (the toolkit's held-out evaluations inside train() are timed
+apart and shown next to it: TRL here has no eval set), peak RSS, final held-out loss (assistant
+tokens of the held-out split, measured the same way for every variant in a separate process: the
+saved adapter on a fresh fp32 base, no autocast), and model FLOPs utilisation against this
+machine's measured matmul peak (linear-layer FLOPs only, attention's few percent not counted).
+Also printed: the embedded model's cold (GGUF conversion) and warm load.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +44,14 @@ LORA = _default_lora()
 
 
 # ------------------------------------------------------------------ helpers run inside a child process
+
+def child_eval(args) -> dict:
+    from fine_tuning_llms.config import DataConfig
+    from fine_tuning_llms.data import load_train_eval
+
+    eval_convs = load_train_eval(DataConfig(dataset_path=args.dataset_path, max_length=args.max_length)).eval
+    return {"eval_loss": _eval_adapter(Path(args._adapter), eval_convs, args.max_length)}
+
 
 def _eval_adapter(adapter_dir: Path, eval_convs, max_length) -> float:
     """Held-out loss of a saved adapter, measured the same way for every variant: a fresh fp32
@@ -111,11 +122,9 @@ def child_toolkit(args, out: Path) -> dict:
     trainer = captured["trainer"]
     flops = _flops_per_token(trainer.model)
     useful = trainer.tokens_seen * flops["per_token"] + trainer.trained_tokens_seen * flops["per_logit_position"]
-    from fine_tuning_llms.data import load_train_eval
-
-    eval_convs = load_train_eval(cfg.data).eval
-    return {"tokens": trainer.tokens_seen, "seconds": metrics["train_seconds"],
-            "eval_loss": _eval_adapter(out / "final_model", eval_convs, args.max_length), "useful_flops": useful,
+    shutil.copytree(out / "final_model", args._adapter)
+    return {"tokens": trainer.tokens_seen, "seconds": metrics["train_seconds"] - metrics["eval_seconds_in_training"],
+            "eval_seconds": metrics["eval_seconds_in_training"], "useful_flops": useful,
             "steps": metrics["global_steps"]}
 
 
@@ -153,9 +162,8 @@ def child_trl(args, out: Path) -> dict:
     flops = _flops_per_token(trainer.model)
     # TRL trains every token by default, so every position needs its logits.
     useful = counted["tokens"] * (flops["per_token"] + flops["per_logit_position"])
-    trainer.model.save_pretrained(out / "adapter")
-    eval_loss = _eval_adapter(out / "adapter", data.eval, args.max_length)
-    return {"tokens": counted["tokens"], "seconds": seconds, "eval_loss": eval_loss, "useful_flops": useful,
+    trainer.model.save_pretrained(args._adapter)
+    return {"tokens": counted["tokens"], "seconds": seconds, "eval_seconds": 0.0, "useful_flops": useful,
             "steps": trainer.state.global_step}
 
 
@@ -226,6 +234,7 @@ def main() -> None:
                         help="run just one side (no ratio); for quick checks")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_adapter", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args._child:
@@ -234,7 +243,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             fn = {"toolkit": lambda: child_toolkit(args, Path(tmp) / "out"),
                   "trl": lambda: child_trl(args, Path(tmp) / "out"),
-                  "load": lambda: child_load(Path(tmp))}[args._child]
+                  "load": lambda: child_load(Path(tmp)),
+                  "eval": lambda: child_eval(args)}[args._child]
             result = fn()
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         Path(args._result).write_text(json.dumps(result))
@@ -271,8 +281,15 @@ def main() -> None:
                      ("toolkit, --dtype float32 (no bf16 autocast)", "toolkit", ["--fp32"])]
     if args.only:
         variants = [v for v in variants if v[1] == args.only and not v[2]]
-    rows = [run_child(kind, args, common + extra) | {"label": label, "fp32": "--fp32" in extra}
-            for label, kind, extra in variants]
+    rows = []
+    for label, kind, extra in variants:
+        # Train in one process (its peak RSS is the training's), then measure the saved adapter's
+        # held-out loss in another, the same way for every variant.
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter = f"--_adapter={Path(tmp) / 'adapter'}"
+            row = run_child(kind, args, common + extra + [adapter])
+            row["eval_loss"] = run_child("eval", args, common + [adapter])["eval_loss"]
+        rows.append(row | {"label": label, "fp32": "--fp32" in extra})
     # The peak is measured before and after the runs and the higher kept: a busy moment lowers
     # it, and a low peak would flatter every MFU figure.
     again = measure_peaks()
@@ -281,7 +298,8 @@ def main() -> None:
     for r in rows:
         peak = peaks["float32"] if r["fp32"] or not bf16 else peaks["bfloat16"]
         r.update(tokens_per_s=r["tokens"] / r["seconds"], mfu=r["useful_flops"] / r["seconds"] / peak)
-        print(f"  {r['label']:44s} {r['tokens_per_s']:8.0f} tok/s  {r['seconds']:7.1f} s  {r['steps']:4d} steps  "
+        print(f"  {r['label']:44s} {r['tokens_per_s']:8.0f} tok/s  {r['seconds']:7.1f} s (+{r['eval_seconds']:.1f} s held-out "
+              f"eval)  {r['steps']:4d} steps  "
               f"RSS {r['peak_rss_mb']:6.0f} MB  held-out loss {r['eval_loss']:.4f}  MFU {100 * r['mfu']:4.1f}%")
     if args.only:
         return

@@ -247,6 +247,7 @@ def run(cfg: Config) -> dict:
                         "--resume_from_checkpoint auto", trainer.state.global_step, saved)
         raise
     seconds = time.perf_counter() - start
+    training_seconds = max(seconds - trainer.eval_seconds, 0.0)
 
     if trainer.last_eval and trainer.last_eval[0] == trainer.state.global_step:
         after_loss = trainer.last_eval[1]  # Trainer evaluates after the last step already, the same way
@@ -262,9 +263,11 @@ def run(cfg: Config) -> dict:
         "perplexity_before": perplexity(before_loss), "perplexity_after": perplexity(after_loss),
         "behaviour_rate_before": behaviour_rate(before_answers), "behaviour_rate_after": behaviour_rate(after_answers),
         "behaviour": f"share of held-out answers containing 'Lumi' (the sample dataset's sign-off {SIGN_OFF!r})",
-        "train_seconds": round(seconds, 1), "global_steps": trainer.state.global_step,
-        "tokens_per_s": round(trainer.tokens_seen / seconds, 1) if seconds else None,
-        "trained_tokens_per_s": round(trainer.trained_tokens_seen / seconds, 1) if seconds else None,
+        # tokens/s over training alone: the held-out evaluations inside train() are timed apart
+        "train_seconds": round(seconds, 1), "eval_seconds_in_training": round(trainer.eval_seconds, 1),
+        "global_steps": trainer.state.global_step,
+        "tokens_per_s": round(trainer.tokens_seen / training_seconds, 1) if training_seconds else None,
+        "trained_tokens_per_s": round(trainer.trained_tokens_seen / training_seconds, 1) if training_seconds else None,
         "trainable_parameters": trainable, "total_parameters": total, "new_token_ids": new_ids,
         "train_examples": train_set.kept, "eval_examples": eval_set.kept, "eval_source": data.eval_source,
     }

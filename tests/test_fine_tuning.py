@@ -52,6 +52,11 @@ def test_lora_trains_adapter_and_leaves_base_untouched(tiny_model_dir, train_dat
     assert metrics["global_steps"] == 8
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert set(losses(out)) == set(range(1, 9))
+    with open(out / "training_log.csv", newline="") as fh:
+        evals = {int(r["step"]): float(r["eval_loss"]) for r in csv.DictReader(fh) if r["eval_loss"]}
+    # held-out loss during training is measured like before/after, and the last one is the "after"
+    assert set(evals) == {4, 8} and evals[8] == metrics["eval_loss_after"]
+    assert metrics["eval_seconds_in_training"] > 0 and metrics["tokens_per_s"] > 0
     assert (out / "loss_curve.png").stat().st_size > 1000
     settings = json.loads((final / "run_config.json").read_text())["settings"]
     assert settings["lr"] == 1e-2 and "versions" in json.loads((final / "run_config.json").read_text())

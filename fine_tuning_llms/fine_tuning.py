@@ -264,7 +264,7 @@ def run(cfg: Config) -> dict:
         "behaviour_rate_before": behaviour_rate(before_answers), "behaviour_rate_after": behaviour_rate(after_answers),
         "behaviour": f"share of held-out answers containing 'Lumi' (the sample dataset's sign-off {SIGN_OFF!r})",
         # tokens/s over training alone: the held-out evaluations inside train() are timed apart
-        "train_seconds": round(seconds, 1), "eval_seconds_in_training": round(trainer.eval_seconds, 1),
+        "train_seconds": round(seconds, 1), "eval_seconds_in_training": round(trainer.eval_seconds, 2),
         "global_steps": trainer.state.global_step,
         "tokens_per_s": round(trainer.tokens_seen / training_seconds, 1) if training_seconds else None,
         "trained_tokens_per_s": round(trainer.trained_tokens_seen / training_seconds, 1) if training_seconds else None,

@@ -56,7 +56,7 @@ def test_lora_trains_adapter_and_leaves_base_untouched(tiny_model_dir, train_dat
         evals = {int(r["step"]): float(r["eval_loss"]) for r in csv.DictReader(fh) if r["eval_loss"]}
     # held-out loss during training is measured like before/after, and the last one is the "after"
     assert set(evals) == {4, 8} and evals[8] == metrics["eval_loss_after"]
-    assert metrics["eval_seconds_in_training"] > 0 and metrics["tokens_per_s"] > 0
+    assert 0 <= metrics["eval_seconds_in_training"] < metrics["train_seconds"] and metrics["tokens_per_s"] > 0
     assert (out / "loss_curve.png").stat().st_size > 1000
     settings = json.loads((final / "run_config.json").read_text())["settings"]
     assert settings["lr"] == 1e-2 and "versions" in json.loads((final / "run_config.json").read_text())

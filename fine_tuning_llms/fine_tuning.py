@@ -231,7 +231,8 @@ def run(cfg: Config) -> dict:
                           eval_dataset=ExampleDataset(eval_set.examples) if eval_set.examples else None,
                           data_collator=PackingCollator() if cfg.train.packing else PadCollator(pad_id),
                           callbacks=[log_callback, CompleteCheckpointCallback()],
-                          trained_logits_only=cfg.train.trained_logits_only, packed=packed, pad_token_id=pad_id)
+                          trained_logits_only=cfg.train.trained_logits_only, fused_head=cfg.train.fused_kernels,
+                          packed=packed, pad_token_id=pad_id)
     log_callback.trainer = trainer
     start = time.perf_counter()
     try:

@@ -3,6 +3,7 @@ checkpoint discovery. The task flow itself lives in ``fine_tuning.py``.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -87,14 +88,16 @@ class ChatTrainer(Trainer):
     """HF Trainer + guards and speed-ups.
 
     - counts real (non-pad) tokens for tokens/s, and stops on a NaN/inf loss;
-    - ``trained_logits_only``: logits only where a label is (``trained_token_loss``);
+    - ``trained_logits_only``: logits only where a label is (``trained_token_loss``), and with
+      ``fused_head`` the head and loss as one node that never holds the whole logits;
     - held-out evaluation the same way as before/after training, packed (``evaluate``).
     """
 
-    def __init__(self, *args, trained_logits_only: bool = False, packed: bool = False, pad_token_id: int = 0,
-                 **kwargs):
+    def __init__(self, *args, trained_logits_only: bool = False, fused_head: bool = False, packed: bool = False,
+                 pad_token_id: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.trained_logits_only = trained_logits_only
+        self.fused_head = fused_head
         self.packed, self.pad_token_id = packed, pad_token_id
         self.autocast_dtype = torch.bfloat16 if self.args.bf16 else (torch.float16 if self.args.fp16 else None)
         self.last_eval: Optional[tuple[int, float]] = None  # (step, held-out loss) of the latest evaluate()
@@ -125,7 +128,10 @@ class ChatTrainer(Trainer):
                 self.loss_is_scaled_for_ga = None  # let Trainer decide, as without this override
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        loss, n, outputs = trained_token_loss(model, inputs)
+        # The fused head calls the decoder itself, so only on the bare model: a DDP/FSDP wrapper's
+        # forward (gradient synchronisation) must not be skipped.
+        fused = self.fused_head and not return_outputs and model is self.model
+        loss, n, outputs = trained_token_loss(model, inputs, fused_head=fused, autocast_dtype=self.autocast_dtype)
         # Same normalisation as Trainer: by the trained tokens of the whole accumulated batch.
         if num_items_in_batch is not None:
             loss = loss / num_items_in_batch
@@ -154,16 +160,34 @@ class ChatTrainer(Trainer):
         return metrics
 
 
-def trained_token_loss(model, inputs: dict) -> tuple[torch.Tensor, int, object]:
+def trained_token_loss(model, inputs: dict, fused_head: bool = False,
+                       autocast_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, int, object]:
     """Summed cross-entropy over the trained tokens of one packed row, their count, model outputs.
 
     The vocabulary projection (lm_head) runs only where the next token has a label, via the
     model's ``logits_to_keep``; with a 49k vocabulary that is a large share of each step, and
-    the prompt positions never needed logits.
+    the prompt positions never needed logits. With ``fused_head`` (training, an unwrapped Llama
+    with a frozen head) the head and the loss are one node that never holds the whole logits
+    (``kernels.HeadCrossEntropyFunction``); outputs are then None. The decoder is called
+    directly there, so the autocast that accelerate puts around ``model.forward`` is applied here.
     """
     inputs = dict(inputs)
     targets = inputs.pop("labels")[0, 1:]                      # (T-1,) token t+1 is predicted at t
     keep = (targets != chat.IGNORE_INDEX).nonzero().squeeze(1)  # (N,) positions that need logits
+    head = None
+    if fused_head:
+        from .kernels import fused_head as find_head
+        head = find_head(model)
+    if head is not None:
+        from .kernels import HeadCrossEntropyFunction, head_chunk_rows
+        decoder, weight = head
+        device = inputs["input_ids"].device
+        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            hidden = decoder(**inputs, use_cache=False).last_hidden_state[0, keep]  # (N, d)
+            loss = HeadCrossEntropyFunction.apply(hidden, weight, targets[keep], head_chunk_rows(weight.shape[0]))
+        return loss, len(keep), None
     outputs = model(**inputs, logits_to_keep=keep, use_cache=False)  # logits: (1, N, vocab)
     loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum")
     return loss, len(keep), outputs

@@ -154,13 +154,24 @@ def test_torchrun_two_processes_save_one_adapter(tiny_model_dir, train_data, tmp
     assert json.loads((out / "final_model" / "metrics.json").read_text())["global_steps"] == 4
 
 
-def test_speed_levers_do_not_change_the_losses(tiny_model_dir, train_data, tmp_path):
-    """Packing + trained-positions-only logits vs plain padded batches: same per-step losses."""
+def test_speed_levers_do_not_change_the_losses(tiny_model_dir, train_data, tmp_path, monkeypatch):
+    """Packing + trained-positions-only logits + fused nodes vs plain padded batches: same per-step losses."""
+    from fine_tuning_llms.kernels import HeadCrossEntropyFunction
+    from fine_tuning_llms.training import ChatTrainer
+
+    fused_calls, micro_batches = [], []
+    original, compute_loss = HeadCrossEntropyFunction.apply, ChatTrainer.compute_loss
+    monkeypatch.setattr(HeadCrossEntropyFunction, "apply", lambda *a: fused_calls.append(1) or original(*a))
+    monkeypatch.setattr(ChatTrainer, "compute_loss",
+                        lambda self, *a, **k: micro_batches.append(1) or compute_loss(self, *a, **k))
     common = ("--max_steps", "4", "--lora_dropout", "0", "--dtype", "float32", "--grad_accum", "2")
     fast, plain = tmp_path / "fast", tmp_path / "plain"
     assert main(train_args(tiny_model_dir, train_data, fast, *common)) == 0
+    assert len(fused_calls) == len(micro_batches) >= 4  # every training micro-batch took the fused head
+    fused_in_fast_run = len(fused_calls)
     assert main(train_args(tiny_model_dir, train_data, plain, *common, "--packing", "false",
-                           "--trained_logits_only", "false")) == 0
+                           "--trained_logits_only", "false", "--fused_kernels", "false")) == 0
+    assert len(fused_calls) == fused_in_fast_run  # ... and none of the plain run's
     a, b = losses(fast), losses(plain)
     assert set(a) == set(b) == {1, 2, 3, 4}
     for step in a:

@@ -4,7 +4,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from fine_tuning_llms.kernels import LoraLinearFunction, RMSNormFunction, use_fused_kernels
+from fine_tuning_llms.kernels import (HeadCrossEntropyFunction, LoraLinearFunction, RMSNormFunction, fused_head,
+                                      use_fused_kernels)
 
 
 def test_backward_matches_numerical_gradients():
@@ -94,3 +95,71 @@ def test_kernel_runs_only_while_training_with_gradients(tiny_model_dir, monkeypa
 def test_layers_it_cannot_reproduce_keep_peft(tiny_model_dir, lora):
     layers = lora_model(tiny_model_dir).config.num_hidden_layers
     assert use_fused_kernels(lora_model(tiny_model_dir, **lora)) == 2 * layers + 1  # the norms only
+
+
+def test_head_cross_entropy_matches_numerical_gradients_across_chunks():
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64)
+    targets = torch.randint(0, 11, (7,))
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    for chunk in (1, 3, 7, 100):  # chunk edges must not change the result
+        torch.testing.assert_close(HeadCrossEntropyFunction.apply(hidden, weight, targets, chunk), expected)
+    assert torch.autograd.gradcheck(lambda h: HeadCrossEntropyFunction.apply(h, weight, targets, 3), (hidden,))
+
+
+def packed_row(vocab: int):
+    torch.manual_seed(1)
+    lengths = [6, 9, 5]
+    ids = torch.randint(0, vocab, (1, sum(lengths)))
+    labels = ids.clone()
+    labels[0, [0, 1, 6, 7, 8, 15]] = -100  # prompts: untrained positions
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    from fine_tuning_llms.training import packed_causal_mask
+
+    return {"input_ids": ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": packed_causal_mask(lengths)}
+
+
+def test_fused_head_loss_and_gradients_equal_the_logits_path(tiny_model_dir):
+    from fine_tuning_llms.training import trained_token_loss
+
+    model = lora_model(tiny_model_dir)
+    use_fused_kernels(model)
+    model.train()
+    batch = packed_row(model.config.vocab_size)
+    results = []
+    for fused in (False, True):
+        loss, n, outputs = trained_token_loss(model, batch, fused_head=fused)
+        (loss / n).backward()
+        assert (outputs is None) == fused
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+        model.zero_grad()
+    (plain_loss, plain_grads), (fused_loss, fused_grads) = results
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fused_head_under_bf16_autocast_is_close_to_the_logits_path(tiny_model_dir):
+    from fine_tuning_llms.training import trained_token_loss
+
+    model = lora_model(tiny_model_dir)
+    model.train()
+    batch = packed_row(model.config.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, _, _ = trained_token_loss(model, batch)
+    fused, _, _ = trained_token_loss(model, batch, fused_head=True, autocast_dtype=torch.bfloat16)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused.detach(), plain.detach(), rtol=1e-3, atol=0)
+    fp32, _, _ = trained_token_loss(model, batch, fused_head=True)  # autocast is applied, not ambient
+    assert abs(fp32.item() - fused.item()) > 1e-5
+
+
+def test_trained_or_wrapped_heads_keep_the_model_path(tiny_model_dir):
+    model = lora_model(tiny_model_dir)
+    assert fused_head(model) is not None
+    model.get_base_model().lm_head.weight.requires_grad_(True)  # a head being trained needs its own gradient
+    assert fused_head(model) is None
+    saved = lora_model(tiny_model_dir, modules_to_save=["lm_head"])
+    assert fused_head(saved) is None

@@ -103,9 +103,9 @@ class HeadCrossEntropyFunction(torch.autograd.Function):
             rows = slice(start, start + chunk_rows)
             target = targets[rows]
             logits = (hidden[rows] @ weight.t()).to(stats)            # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)                     # (c,)
-            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
-            grad_logits = logits.sub_(lse[:, None]).exp_()            # softmax, in place of the logits
+            log_probs = torch.log_softmax(logits, dim=-1)             # one fused pass (logsumexp is several)
+            total -= log_probs.gather(1, target[:, None]).sum()
+            grad_logits = log_probs.exp_()                            # softmax, in place
             grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
             torch.mm(grad_logits.to(dtype), weight, out=grad_hidden[rows])
         ctx.save_for_backward(grad_hidden)

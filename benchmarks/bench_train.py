@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py                       # sample dataset, 1 epoch, embedded model
     python benchmarks/bench_train.py --levers              # also each speed lever switched off, one at a time
     python benchmarks/bench_train.py --dataset_path my.jsonl --max_steps 30
+    python benchmarks/bench_train.py --only toolkit --breakdown   # where a step's time goes
 
 Same model (embedded SmolLM2-135M-Instruct), conversations, LoRA config, batch size, max length,
 epochs/steps, learning rate and seed for both; TRL keeps its own defaults for everything else
@@ -13,7 +14,10 @@ apart and shown next to it: TRL here has no eval set), peak RSS, final held-out 
 tokens of the held-out split, measured the same way for every variant in a separate process: the
 saved adapter on a fresh fp32 base, no autocast), and model FLOPs utilisation against this
 machine's measured matmul peak (linear-layer FLOPs only, attention's few percent not counted).
-Also printed: the embedded model's cold (GGUF conversion) and warm load.
+Also printed: the embedded model's cold (GGUF conversion) and warm load. With --breakdown the
+toolkit's run is profiled for a few steps after warm-up (torch.profiler, which itself slows the
+small ops) and the step time is split into matmuls (with their achieved FLOP/s), attention,
+other tensor ops, and the rest (Python, autograd engine, Trainer): why MFU is what it is.
 """
 from __future__ import annotations
 
@@ -92,6 +96,48 @@ def _flops_per_token(model) -> dict:
     return {"per_token": 4 * body + 6 * lora, "per_logit_position": 4 * head}
 
 
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
+
+
+def step_breakdown_callback(first_step: int = 3, steps: int = 5):
+    """A TrainerCallback that profiles steps first_step+1 .. first_step+steps and keeps the split."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepBreakdown(TrainerCallback):
+        result: dict = {}
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first_step:
+                self.profiler = torch.profiler.profile(with_flops=True, record_shapes=True)
+                self.profiler.__enter__()
+                self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step != first_step + steps or not hasattr(self, "profiler"):
+                return
+            wall = time.perf_counter() - self.start
+            self.profiler.__exit__(None, None, None)
+            split = {"matmul": 0.0, "attention": 0.0, "other ops": 0.0}
+            flops = 0
+            for event in self.profiler.key_averages(group_by_input_shape=True):
+                seconds = event.self_cpu_time_total / 1e6
+                if event.key in MATMUL_OPS:
+                    split["matmul"] += seconds
+                    flops += event.flops or 0
+                    if event.key == "aten::addmm_":  # the profiler counts no FLOPs for the in-place form
+                        (m, k), (_, n) = event.input_shapes[1], event.input_shapes[2]
+                        flops += 2 * m * k * n * event.count
+                elif "scaled_dot_product" in event.key:
+                    split["attention"] += seconds
+                elif event.key.startswith("aten::"):
+                    split["other ops"] += seconds
+            split["rest"] = max(wall - sum(split.values()), 0.0)
+            StepBreakdown.result = {"wall": wall, "steps": steps, "split": split, "matmul_flops": flops}
+
+    return StepBreakdown()
+
+
 def child_toolkit(args, out: Path) -> dict:
     from fine_tuning_llms.config import Config
     from fine_tuning_llms.fine_tuning import run
@@ -118,6 +164,15 @@ def child_toolkit(args, out: Path) -> dict:
         return original(self, *a, **k)
 
     ft.ChatTrainer.train = train
+    breakdown = step_breakdown_callback() if args.breakdown else None
+    if breakdown is not None:  # the Trainer is built inside run(); hand it the callback on the way
+        original_init = ft.ChatTrainer.__init__
+
+        def init(self, *a, **k):
+            k["callbacks"] = [*k.get("callbacks", []), breakdown]
+            original_init(self, *a, **k)
+
+        ft.ChatTrainer.__init__ = init
     metrics = run(cfg)["metrics"]
     trainer = captured["trainer"]
     flops = _flops_per_token(trainer.model)
@@ -125,7 +180,7 @@ def child_toolkit(args, out: Path) -> dict:
     shutil.copytree(out / "final_model", args._adapter)
     return {"tokens": trainer.tokens_seen, "seconds": metrics["train_seconds"] - metrics["eval_seconds_in_training"],
             "eval_seconds": metrics["eval_seconds_in_training"], "useful_flops": useful,
-            "steps": metrics["global_steps"]}
+            "steps": metrics["global_steps"], "breakdown": type(breakdown).result if breakdown else None}
 
 
 def child_trl(args, out: Path) -> dict:
@@ -230,6 +285,8 @@ def main() -> None:
     parser.add_argument("--no_trained_logits", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no_fused_kernels", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="profile a few steps of the toolkit's run and split the step time (slows those steps)")
     parser.add_argument("--only", choices=["toolkit", "trl"], default=None,
                         help="run just one side (no ratio); for quick checks")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -281,6 +338,8 @@ def main() -> None:
                      ("toolkit, --dtype float32 (no bf16 autocast)", "toolkit", ["--fp32"])]
     if args.only:
         variants = [v for v in variants if v[1] == args.only and not v[2]]
+    if args.breakdown:  # a separate run: the profiler slows the steps it watches
+        variants.append(("toolkit, profiled (step split only)", "toolkit", ["--breakdown"]))
     rows = []
     for label, kind, extra in variants:
         # Train in one process (its peak RSS is the training's), then measure the saved adapter's
@@ -288,7 +347,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             adapter = f"--_adapter={Path(tmp) / 'adapter'}"
             row = run_child(kind, args, common + extra + [adapter])
-            row["eval_loss"] = run_child("eval", args, common + [adapter])["eval_loss"]
+            if "--breakdown" not in extra:  # the profiled run is there for its step split only
+                row["eval_loss"] = run_child("eval", args, common + [adapter])["eval_loss"]
         rows.append(row | {"label": label, "fp32": "--fp32" in extra})
     # The peak is measured before and after the runs and the higher kept: a busy moment lowers
     # it, and a low peak would flatter every MFU figure.
@@ -298,6 +358,13 @@ def main() -> None:
     for r in rows:
         peak = peaks["float32"] if r["fp32"] or not bf16 else peaks["bfloat16"]
         r.update(tokens_per_s=r["tokens"] / r["seconds"], mfu=r["useful_flops"] / r["seconds"] / peak)
+        if r.get("breakdown"):
+            b = r["breakdown"]
+            shares = ", ".join(f"{k} {100 * v / b['wall']:.0f}%" for k, v in b["split"].items())
+            rate = b["matmul_flops"] / max(b["split"]["matmul"], 1e-9)
+            print(f"  {r['label']}: {b['steps']} steps took {b['wall']:.1f} s: {shares}; the matmuls ran at "
+                  f"{rate / 1e9:.0f} GFLOP/s = {100 * rate / peak:.0f}% of peak")
+            continue
         print(f"  {r['label']:44s} {r['tokens_per_s']:8.0f} tok/s  {r['seconds']:7.1f} s (+{r['eval_seconds']:.1f} s held-out "
               f"eval)  {r['steps']:4d} steps  "
               f"RSS {r['peak_rss_mb']:6.0f} MB  held-out loss {r['eval_loss']:.4f}  MFU {100 * r['mfu']:4.1f}%")

@@ -122,7 +122,7 @@ def head_chunk_rows(vocab_size: int, budget: int = 1 << 24) -> int:
     return max(1, budget // vocab_size)
 
 
-def fused_head(model: torch.nn.Module):
+def head_for_fused_loss(model: torch.nn.Module):
     """(decoder, head weight) of a PEFT-wrapped or plain Llama causal LM whose head this node
     reproduces (a bias-free frozen Linear, no logit scaling), else None."""
     from transformers.models.llama.modeling_llama import LlamaForCausalLM

@@ -176,8 +176,8 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
     keep = (targets != chat.IGNORE_INDEX).nonzero().squeeze(1)  # (N,) positions that need logits
     head = None
     if fused_head:
-        from .kernels import fused_head as find_head
-        head = find_head(model)
+        from .kernels import head_for_fused_loss
+        head = head_for_fused_loss(model)
     if head is not None:
         from .kernels import HeadCrossEntropyFunction, head_chunk_rows
         decoder, weight = head
@@ -186,7 +186,13 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
                     else contextlib.nullcontext())
         with autocast:
             hidden = decoder(**inputs, use_cache=False).last_hidden_state[0, keep]  # (N, d)
-            loss = HeadCrossEntropyFunction.apply(hidden, weight, targets[keep], head_chunk_rows(weight.shape[0]))
+            if hidden.dtype == torch.float16:
+                # the node's fp16 softmax gradient would flush small probabilities to zero before the
+                # loss scaler can lift them; fp16 keeps autograd's cross-entropy (bf16 has fp32's range)
+                logits = torch.nn.functional.linear(hidden, weight.to(hidden.dtype))
+                loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            else:
+                loss = HeadCrossEntropyFunction.apply(hidden, weight, targets[keep], head_chunk_rows(weight.shape[0]))
         return loss, len(keep), None
     outputs = model(**inputs, logits_to_keep=keep, use_cache=False)  # logits: (1, N, vocab)
     loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum")

@@ -4,7 +4,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from fine_tuning_llms.kernels import (HeadCrossEntropyFunction, LoraLinearFunction, RMSNormFunction, fused_head,
+from fine_tuning_llms.kernels import (HeadCrossEntropyFunction, LoraLinearFunction, RMSNormFunction, head_for_fused_loss,
                                       use_fused_kernels)
 
 
@@ -158,8 +158,23 @@ def test_fused_head_under_bf16_autocast_is_close_to_the_logits_path(tiny_model_d
 
 def test_trained_or_wrapped_heads_keep_the_model_path(tiny_model_dir):
     model = lora_model(tiny_model_dir)
-    assert fused_head(model) is not None
+    assert head_for_fused_loss(model) is not None
     model.get_base_model().lm_head.weight.requires_grad_(True)  # a head being trained needs its own gradient
-    assert fused_head(model) is None
+    assert head_for_fused_loss(model) is None
     saved = lora_model(tiny_model_dir, modules_to_save=["lm_head"])
-    assert fused_head(saved) is None
+    assert head_for_fused_loss(saved) is None
+
+
+def test_fp16_keeps_autograd_cross_entropy(tiny_model_dir, monkeypatch):
+    """fp16 would flush small softmax gradients to zero before loss scaling; that path stays autograd's."""
+    from fine_tuning_llms.training import trained_token_loss
+
+    calls = []
+    monkeypatch.setattr(HeadCrossEntropyFunction, "apply", lambda *a: calls.append(1))
+    model = lora_model(tiny_model_dir).half()
+    model.train()
+    batch = packed_row(model.config.vocab_size)
+    fused, n, _ = trained_token_loss(model, batch, fused_head=True)
+    plain, _, _ = trained_token_loss(model, batch)
+    assert calls == [] and fused.dtype == torch.float32
+    torch.testing.assert_close(fused.detach(), plain.detach(), rtol=1e-3, atol=0)

@@ -114,8 +114,15 @@ def step_breakdown_callback(first_step: int = 3, steps: int = 5):
                 self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step != first_step + steps or not hasattr(self, "profiler"):
-                return
+            if getattr(self, "profiler", None) is not None and state.global_step in (first_step + steps,
+                                                                                     state.max_steps):
+                self.finish(state.global_step - first_step)  # before this step's evaluation, if any
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if getattr(self, "profiler", None) is not None:  # a run shorter than the profiled window
+                self.finish(state.global_step - first_step)
+
+        def finish(self, profiled_steps: int):
             wall = time.perf_counter() - self.start
             self.profiler.__exit__(None, None, None)
             split = {"matmul": 0.0, "attention": 0.0, "other ops": 0.0}
@@ -133,7 +140,8 @@ def step_breakdown_callback(first_step: int = 3, steps: int = 5):
                 elif event.key.startswith("aten::"):
                     split["other ops"] += seconds
             split["rest"] = max(wall - sum(split.values()), 0.0)
-            StepBreakdown.result = {"wall": wall, "steps": steps, "split": split, "matmul_flops": flops}
+            self.profiler = None
+            StepBreakdown.result = {"wall": wall, "steps": profiled_steps, "split": split, "matmul_flops": flops}
 
     return StepBreakdown()
 
@@ -349,7 +357,7 @@ def main() -> None:
             row = run_child(kind, args, common + extra + [adapter])
             if "--breakdown" not in extra:  # the profiled run is there for its step split only
                 row["eval_loss"] = run_child("eval", args, common + [adapter])["eval_loss"]
-        rows.append(row | {"label": label, "fp32": "--fp32" in extra})
+        rows.append(row | {"label": label, "fp32": "--fp32" in extra, "extra": extra})
     # The peak is measured before and after the runs and the higher kept: a busy moment lowers
     # it, and a low peak would flatter every MFU figure.
     again = measure_peaks()
@@ -358,8 +366,11 @@ def main() -> None:
     for r in rows:
         peak = peaks["float32"] if r["fp32"] or not bf16 else peaks["bfloat16"]
         r.update(tokens_per_s=r["tokens"] / r["seconds"], mfu=r["useful_flops"] / r["seconds"] / peak)
-        if r.get("breakdown"):
+        if "--breakdown" in r["extra"]:
             b = r["breakdown"]
+            if not b:
+                print(f"  {r['label']}: the run ended before step 4; nothing was profiled")
+                continue
             shares = ", ".join(f"{k} {100 * v / b['wall']:.0f}%" for k, v in b["split"].items())
             rate = b["matmul_flops"] / max(b["split"]["matmul"], 1e-9)
             print(f"  {r['label']}: {b['steps']} steps took {b['wall']:.1f} s: {shares}; the matmuls ran at "

@@ -1,4 +1,5 @@
-"""Training kernels: a LoRA linear layer and an RMSNorm, each as one autograd node.
+"""Training kernels: a LoRA linear layer, an RMSNorm, and the vocabulary head with the loss, each as
+one autograd node.
 
 PEFT computes a LoRA layer as a chain of modules: the base linear, a cast of the input to the
 adapter's fp32, autocast casting it back (and A, B) to bf16, two thin matmuls, a scale, an add

@@ -19,6 +19,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import chat
 from .artefacts import atomic_write_text
+from .kernels import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +175,8 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
     inputs = dict(inputs)
     targets = inputs.pop("labels")[0, 1:]                      # (T-1,) token t+1 is predicted at t
     keep = (targets != chat.IGNORE_INDEX).nonzero().squeeze(1)  # (N,) positions that need logits
-    head = None
-    if fused_head:
-        from .kernels import head_for_fused_loss
-        head = head_for_fused_loss(model)
+    head = head_for_fused_loss(model) if fused_head else None
     if head is not None:
-        from .kernels import HeadCrossEntropyFunction, head_chunk_rows
         decoder, weight = head
         device = inputs["input_ids"].device
         autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None

@@ -4,8 +4,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from fine_tuning_llms.kernels import (HeadCrossEntropyFunction, LoraLinearFunction, RMSNormFunction, head_for_fused_loss,
-                                      use_fused_kernels)
+from fine_tuning_llms.kernels import (HeadCrossEntropyFunction, LoraLinearFunction, PackedAttentionFunction,
+                                      RMSNormFunction, head_for_fused_loss, use_fused_kernels)
 
 
 def test_backward_matches_numerical_gradients():
@@ -61,7 +61,7 @@ def test_training_step_equals_peft(tiny_model_dir):
     model = lora_model(tiny_model_dir)
     peft_loss, peft_grads = loss_and_grads(model, ids)
     layers = model.config.num_hidden_layers
-    assert use_fused_kernels(model) == 7 * layers + 2 * layers + 1  # LoRA linears + RMSNorms
+    assert use_fused_kernels(model) == 7 * layers + layers + 2 * layers + 1  # LoRA linears, attention, RMSNorms
     kernel_loss, kernel_grads = loss_and_grads(model, ids)
     torch.testing.assert_close(kernel_loss, peft_loss, rtol=1e-6, atol=1e-6)
     assert kernel_grads.keys() == peft_grads.keys()
@@ -94,7 +94,7 @@ def test_kernel_runs_only_while_training_with_gradients(tiny_model_dir, monkeypa
 @pytest.mark.parametrize("lora", [dict(lora_dropout=0.1), dict(use_dora=True)])
 def test_layers_it_cannot_reproduce_keep_peft(tiny_model_dir, lora):
     layers = lora_model(tiny_model_dir).config.num_hidden_layers
-    assert use_fused_kernels(lora_model(tiny_model_dir, **lora)) == 2 * layers + 1  # the norms only
+    assert use_fused_kernels(lora_model(tiny_model_dir, **lora)) == layers + 2 * layers + 1  # attention and norms only
 
 
 def test_head_cross_entropy_matches_numerical_gradients_across_chunks():
@@ -178,3 +178,74 @@ def test_fp16_keeps_autograd_cross_entropy(tiny_model_dir, monkeypatch):
     plain, _, _ = trained_token_loss(model, batch)
     assert calls == [] and fused.dtype == torch.float32
     torch.testing.assert_close(fused.detach(), plain.detach(), rtol=1e-3, atol=0)
+
+
+
+def test_packed_attention_matches_numerical_gradients():
+    torch.manual_seed(0)
+    lengths, heads, kv_heads, dim = [3, 5, 2], 4, 2, 6
+    length = sum(lengths)
+    q = torch.randn(length, heads * dim, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(length, kv_heads * dim, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(length, kv_heads * dim, dtype=torch.float64, requires_grad=True)
+    angles = torch.cat([torch.arange(n) for n in lengths])[:, None] * torch.rand(dim // 2, dtype=torch.float64)
+    angles = torch.cat([angles, angles], -1)
+    cos, sin = angles.cos(), angles.sin()
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: PackedAttentionFunction.apply(q, k, v, cos, sin, lengths, heads, kv_heads, 0.4), (q, k, v))
+
+
+def packed_attention_model(model_dir, **lora):
+    from fine_tuning_llms.packed_attention import register_packed_attention
+
+    model = lora_model(model_dir, **lora)
+    model.base_model.model.set_attn_implementation(register_packed_attention())
+    return model
+
+
+def test_packed_attention_node_equals_transformers_in_a_training_step(tiny_model_dir, monkeypatch):
+    from fine_tuning_llms.training import trained_token_loss
+
+    calls = []
+    original = PackedAttentionFunction.apply
+    monkeypatch.setattr(PackedAttentionFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    model = packed_attention_model(tiny_model_dir)
+    model.train()
+    batch = packed_row(model.config.vocab_size)
+    results = []
+    for fused in (False, True):
+        if fused:
+            use_fused_kernels(model)
+        loss, n, _ = trained_token_loss(model, batch)
+        (loss / n).backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+        model.zero_grad()
+    assert len(calls) == model.config.num_hidden_layers  # every layer took the node, once
+    (plain_loss, plain_grads), (fused_loss, fused_grads) = results
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_packed_attention_node_only_for_packed_training_rows(tiny_model_dir, monkeypatch):
+    calls = []
+    original = PackedAttentionFunction.apply
+    monkeypatch.setattr(PackedAttentionFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    batch = packed_row(300)
+    batch.pop("labels")
+    model = packed_attention_model(tiny_model_dir)
+    use_fused_kernels(model)
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+        model.generate(batch["input_ids"][:, :5], max_new_tokens=2, do_sample=False)
+    model.train()
+    model(input_ids=torch.randint(0, 300, (2, 7)), use_cache=False).logits.sum().backward()  # two rows
+    model(**batch).logits.sum().backward()  # a KV cache is being filled: transformers' path keeps it right
+    plain = lora_model(tiny_model_dir)  # attention left at sdpa (packing off): its own path
+    use_fused_kernels(plain)
+    plain.train()
+    plain(**batch, use_cache=False).logits.sum().backward()
+    assert calls == []
+    model(**batch, use_cache=False).logits.sum().backward()
+    assert len(calls) == model.config.num_hidden_layers

@@ -209,8 +209,8 @@ def run(cfg: Config) -> dict:
     model, new_ids = prepare_peft_model(cfg, model, tokenizer)
     if cfg.train.fused_kernels:
         from .kernels import use_fused_kernels
-        log.info("Fused kernels: %d LoRA/RMSNorm layers (and the vocabulary head with the loss) train through one "
-                 "autograd node each", use_fused_kernels(model))
+        log.info("Fused kernels: %d LoRA/attention/RMSNorm layers (and the vocabulary head with the loss) train "
+                 "through one autograd node each", use_fused_kernels(model))
     trainable, total = count_parameters(model)
     log.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     log.info("Resolved settings:\n%s", format_settings(cfg))

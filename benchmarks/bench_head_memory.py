@@ -46,7 +46,8 @@ def child(fused: bool, vocab: int, rows: int, length: int) -> None:
     (loss / n).backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     label = "fused head + loss" if fused else "logits + cross_entropy"
-    print(f"  {label:24s} loss/token {loss.item() / n:.4f}   peak RSS {peak:6.0f} MB  (model and data: {before:.0f} MB)")
+    print(f"  {label:24s} loss/token {loss.item() / n:.4f}   peak RSS {peak:6.0f} MB  "
+          f"(model and data: {before:.0f} MB)")
 
 
 def main() -> None:

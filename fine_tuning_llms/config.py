@@ -90,10 +90,10 @@ class TrainConfig:
                        "attention mask (exact; no compute spent on padding). --packing false pads instead.")
     trained_logits_only: bool = _f(True, "Compute the vocabulary projection only where a token is trained "
                                    "(faster, same loss). --trained_logits_only false computes all logits.")
-    fused_kernels: bool = _f(True, "While training, run each plain LoRA layer, packed attention (CPU), RMSNorm, and "
-                             "the vocabulary head with the loss as one autograd node each (same maths and parameters, fewer "
-                             "ops, no full logits). --fused_kernels false uses PEFT's and transformers' own "
-                             "forward.")
+    fused_kernels: bool = _f(True, "While training, run each plain LoRA layer, packed attention (CPU), RMSNorm, "
+                             "and the vocabulary head with the loss as one autograd node each (same maths and "
+                             "parameters, fewer ops, no full logits). --fused_kernels false uses PEFT's and "
+                             "transformers' own forward.")
     new_tokens: list[str] = _f([], "Special tokens to add before training; their embedding rows are trained "
                                "(PEFT trainable_token_indices).", nargs="*")
 

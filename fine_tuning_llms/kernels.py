@@ -1,5 +1,5 @@
-"""Training kernels: a LoRA linear layer, an RMSNorm, and the vocabulary head with the loss, each as
-one autograd node.
+"""Training kernels: a LoRA linear layer, packed attention, an RMSNorm, and the vocabulary head with
+the loss, each as one autograd node.
 
 PEFT computes a LoRA layer as a chain of modules: the base linear, a cast of the input to the
 adapter's fp32, autocast casting it back (and A, B) to bf16, two thin matmuls, a scale, an add
@@ -7,7 +7,8 @@ and a cast of the result; autograd records a node for each and replays them back
 all-linear LoRA on a 30-layer model that is 210 such chains per step; on this 2-core CPU their
 fixed costs were ~19% of a training step (measured: 1.57 s vs 1.28 s per step with adapters
 disabled), far more than the adapters' arithmetic (~1%). With this node (and the RMSNorm one
-below) a step is 1.11x faster end to end (`benchmarks/bench_train.py --levers`).
+below) a step was 1.11x faster end to end; with all four nodes of this module it is 1.23x
+(`benchmarks/bench_train.py --levers`, --fused_kernels false vs on).
 
 Here the same maths is one ``torch.autograd.Function`` with a hand-written backward: three
 matmuls forward (the LoRA product added in place), five backward, no full-size casts. The
@@ -20,13 +21,15 @@ The vocabulary head and the cross-entropy become one node too (``HeadCrossEntrop
 the frozen head's logits are made a chunk of rows at a time, the loss and its gradient
 (softmax - one-hot, pushed back through the head) are computed at once, and only the (N, hidden)
 gradient is kept for backward. The (N, vocabulary) logits never exist whole, in fp32 or at all:
-1.04x a step here, and for a 128k-vocabulary Llama 3 the largest tensor of a step is gone.
+1.04x a step here, and with a 128k vocabulary (Llama 3) a step's peak memory drops from 7.8 GB to
+1.0 GB (`benchmarks/bench_head_memory.py`).
 
 Attention in packed rows becomes one node on CPU (``PackedAttentionFunction``): rotary embedding
 of q and k, the per-conversation causal attention (the CPU flash kernel, called directly, forward
 and backward, in fp32 as ``packed_attention.py`` explains) and the layout changes around it. The
 autograd chain it replaces (views, transposes, rotate_half's concatenations, casts, a split and a
-concatenation per layer) cost 1.035x a step; q and k are also rotated in fp32 instead of bf16.
+concatenation per layer) took enough that the node makes a step 1.035x faster; q and k are also
+rotated in fp32 instead of bf16.
 
 RMSNorm gets the same treatment (``RMSNormFunction``): transformers' LlamaRMSNorm is eight
 autograd ops forward and about twelve backward, 2.1 ms per call on a 617-token row here; as one

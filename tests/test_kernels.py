@@ -47,6 +47,22 @@ def lora_model(model_dir, **lora):
     return model
 
 
+def count_applies(monkeypatch, function) -> list:
+    """A list that gets an item each time ``function`` (an autograd.Function) is applied."""
+    calls = []
+    original = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def assert_same_loss_and_grads(result, expected):
+    (loss, grads), (expected_loss, expected_grads) = result, expected
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for name in expected_grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def loss_and_grads(model, ids):
     model.train()
     loss = model(input_ids=ids, labels=ids).loss
@@ -70,9 +86,7 @@ def test_training_step_equals_peft(tiny_model_dir):
 
 
 def test_kernel_runs_only_while_training_with_gradients(tiny_model_dir, monkeypatch):
-    calls = []
-    original = LoraLinearFunction.apply
-    monkeypatch.setattr(LoraLinearFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    calls = count_applies(monkeypatch, LoraLinearFunction)
     model = lora_model(tiny_model_dir)
     use_fused_kernels(model)
     ids = torch.randint(0, 300, (1, 9))
@@ -135,10 +149,7 @@ def test_fused_head_loss_and_gradients_equal_the_logits_path(tiny_model_dir):
         assert (outputs is None) == fused
         results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
         model.zero_grad()
-    (plain_loss, plain_grads), (fused_loss, fused_grads) = results
-    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-5)
-    for name in plain_grads:
-        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_loss_and_grads(results[1], results[0])
 
 
 def test_fused_head_under_bf16_autocast_is_close_to_the_logits_path(tiny_model_dir):
@@ -206,9 +217,7 @@ def packed_attention_model(model_dir, **lora):
 def test_packed_attention_node_equals_transformers_in_a_training_step(tiny_model_dir, monkeypatch):
     from fine_tuning_llms.training import trained_token_loss
 
-    calls = []
-    original = PackedAttentionFunction.apply
-    monkeypatch.setattr(PackedAttentionFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    calls = count_applies(monkeypatch, PackedAttentionFunction)
     model = packed_attention_model(tiny_model_dir)
     model.train()
     batch = packed_row(model.config.vocab_size)
@@ -221,16 +230,11 @@ def test_packed_attention_node_equals_transformers_in_a_training_step(tiny_model
         results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
         model.zero_grad()
     assert len(calls) == model.config.num_hidden_layers  # every layer took the node, once
-    (plain_loss, plain_grads), (fused_loss, fused_grads) = results
-    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-5)
-    for name in plain_grads:
-        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_loss_and_grads(results[1], results[0])
 
 
 def test_packed_attention_node_only_for_packed_training_rows(tiny_model_dir, monkeypatch):
-    calls = []
-    original = PackedAttentionFunction.apply
-    monkeypatch.setattr(PackedAttentionFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    calls = count_applies(monkeypatch, PackedAttentionFunction)
     batch = packed_row(300)
     batch.pop("labels")
     model = packed_attention_model(tiny_model_dir)

@@ -223,19 +223,17 @@ class PackedAttentionFunction(torch.autograd.Function):
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
     """LlamaAttention.forward, except for a packed row in training with gradients on CPU, where the
     rotary embedding and the per-conversation attention run as one node."""
-    from .packed_attention import PACKED_SDPA
+    from .packed_attention import PACKED_SDPA, packed_lengths
 
     position_ids = kwargs.get("position_ids")
     if (not (self.training and torch.is_grad_enabled()) or cache is not None or position_ids is None
             or hidden_states.shape[0] != 1 or hidden_states.device.type != "cpu" or self.attention_dropout
             or self.config._attn_implementation != PACKED_SDPA or int(position_ids[0, 0]) != 0):
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
-    length = hidden_states.shape[1]
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [length]
-    lengths = [end - start for start, end in zip(starts, starts[1:])]
     x = hidden_states[0]
     cos, sin = position_embeddings
-    out = PackedAttentionFunction.apply(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos[0], sin[0], lengths,
+    out = PackedAttentionFunction.apply(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos[0], sin[0],
+                                        packed_lengths(position_ids),
                                         self.config.num_attention_heads, self.config.num_key_value_heads,
                                         float(self.scaling))
     return self.o_proj(out)[None], None

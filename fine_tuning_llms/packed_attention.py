@@ -20,6 +20,12 @@ import torch.nn.functional as F
 PACKED_SDPA = "packed_sdpa"
 
 
+def packed_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the conversations in one packed row: its position ids restart at 0 for each."""
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [position_ids.shape[1]]
+    return [end - start for start, end in zip(starts, starts[1:])]
+
+
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """query: (1, heads, T, head_dim); key/value: (1, kv_heads, T, head_dim) → ((1, T, heads, head_dim), None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -31,8 +37,7 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     if not single_packed_row:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [length]
-    lengths = [e - s for s, e in zip(starts, starts[1:])]
+    lengths = packed_lengths(position_ids)
     dtype, on_cpu = query.dtype, query.device.type == "cpu"
     if on_cpu:
         # The CPU flash kernel's bf16 backward has a large fixed cost per call (2.0 ms for a

@@ -251,19 +251,28 @@ def child_load(out: Path) -> dict:
 # ------------------------------------------------------------------ parent
 
 def matmul_peak(dtype_name: str, seconds: float = 3.0) -> float:
-    """Best sustained FLOP/s of a large square matmul in this dtype on this machine."""
+    """Best sustained FLOP/s of a large square matmul in this dtype on this machine: torch.mm, and
+    oneDNN with a prepacked weight where this build has it (the toolkit trains with that one, and
+    in fp32 it is faster than torch.mm here; a peak lower than what training uses flatters MFU)."""
     import torch
+
+    from fine_tuning_llms.kernels import PackedWeight, weight_packing_available
 
     dtype = getattr(torch, dtype_name)
     best = 0.0
     for n in (1024, 2048):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        reps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 2:
-            a @ b
-            reps += 1
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
+        kernels = [lambda: a @ b]
+        if weight_packing_available(dtype):
+            packed = PackedWeight(b.t())  # computes a @ b too
+            kernels.append(lambda: packed.forward(a))
+        for kernel in kernels:
+            kernel()
+            reps, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 2 / len(kernels):
+                kernel()
+                reps += 1
+            best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
     return best
 
 

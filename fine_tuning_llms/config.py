@@ -92,8 +92,9 @@ class TrainConfig:
                                    "(faster, same loss). --trained_logits_only false computes all logits.")
     fused_kernels: bool = _f(True, "While training, run each plain LoRA layer, packed attention (CPU), RMSNorm, "
                              "and the vocabulary head with the loss as one autograd node each (same maths and "
-                             "parameters, fewer ops, no full logits). --fused_kernels false uses PEFT's and "
-                             "transformers' own forward.")
+                             "parameters, fewer ops, no full logits); on CPU the frozen LoRA base weights are "
+                             "also prepacked for oneDNN while training (2 extra copies, freed after). "
+                             "--fused_kernels false uses PEFT's and transformers' own forward.")
     new_tokens: list[str] = _f([], "Special tokens to add before training; their embedding rows are trained "
                                "(PEFT trainable_token_indices).", nargs="*")
 

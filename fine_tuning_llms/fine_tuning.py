@@ -248,6 +248,10 @@ def run(cfg: Config) -> dict:
             log.warning("Interrupted at step %d: adapter trained so far saved to %s; continue with "
                         "--resume_from_checkpoint auto", trainer.state.global_step, saved)
         raise
+    finally:
+        if cfg.train.fused_kernels:
+            from .kernels import release_packed_weights
+            release_packed_weights(model)  # the training-only weight copies: eval and generation do not use them
     seconds = time.perf_counter() - start
     training_seconds = max(seconds - trainer.eval_seconds, 0.0)
 

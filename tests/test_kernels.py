@@ -4,8 +4,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from fine_tuning_llms import kernels
 from fine_tuning_llms.kernels import (HeadCrossEntropyFunction, LoraLinearFunction, PackedAttentionFunction,
-                                      RMSNormFunction, head_for_fused_loss, use_fused_kernels)
+                                      RMSNormFunction, head_for_fused_loss, release_packed_weights,
+                                      use_fused_kernels, weight_packing_available)
 
 
 def test_backward_matches_numerical_gradients():
@@ -103,6 +105,83 @@ def test_kernel_runs_only_while_training_with_gradients(tiny_model_dir, monkeypa
     torch.testing.assert_close(without_adapter, base(input_ids=ids).logits)
     model(input_ids=ids).logits.sum().backward()
     assert len(calls) == 7 * model.config.num_hidden_layers
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if hasattr(m, "_lora_kernel_adapter")]
+
+
+needs_packing = pytest.mark.skipif(not weight_packing_available(torch.float32), reason="no oneDNN in this torch build")
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_give_the_plain_matmuls_results(tiny_model_dir, dtype):
+    if not weight_packing_available(dtype):
+        pytest.skip(f"this CPU cannot pack {dtype}")
+    ids = torch.randint(0, 300, (2, 11))
+    model = lora_model(tiny_model_dir).to(dtype)
+    use_fused_kernels(model, pack_weights=False)
+    expected = loss_and_grads(model, ids)
+    assert not any(hasattr(m, "_lora_kernel_packed") for m in model.modules())
+    use_fused_kernels(model)
+    result = loss_and_grads(model, ids)
+    layers = lora_layers(model)
+    assert all(m._lora_kernel_packed.key[0] == m.base_layer.weight.data_ptr() for m in layers)  # used, not skipped
+    if dtype == torch.float32:
+        assert_same_loss_and_grads(result, expected)
+    else:  # the same bf16 products; only the order of the sums inside the matmul may differ
+        torch.testing.assert_close(result[0], expected[0], rtol=1e-2, atol=0)
+        for name in expected[1]:
+            torch.testing.assert_close(result[1][name], expected[1][name], rtol=5e-2, atol=1e-3, msg=name)
+    weights = sum(m.base_layer.weight.numel() * m.base_layer.weight.element_size() for m in layers)
+    assert release_packed_weights(model) == 2 * weights
+    assert not any(hasattr(m, "_lora_kernel_packed") for m in model.modules())
+    assert_same_loss_and_grads(loss_and_grads(model, ids), result)  # packed again on the next step
+
+
+@needs_packing
+def test_packed_weights_follow_a_changed_weight(tiny_model_dir):
+    ids = torch.randint(0, 300, (2, 11))
+    model = lora_model(tiny_model_dir)
+    use_fused_kernels(model)
+    loss_and_grads(model, ids)
+    layer = lora_layers(model)[0]
+    old = layer._lora_kernel_packed
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(1.5)  # an in-place change bumps the version: the copies are made again
+    changed = loss_and_grads(model, ids)
+    assert layer._lora_kernel_packed is not old
+    release_packed_weights(model)
+    for m in lora_layers(model):
+        m._lora_kernel_pack = False
+    assert_same_loss_and_grads(changed, loss_and_grads(model, ids))
+
+
+def test_weight_packing_falls_back_when_it_cannot_run(tiny_model_dir, monkeypatch):
+    ids = torch.randint(0, 300, (2, 11))
+    model = lora_model(tiny_model_dir)
+    expected = loss_and_grads(model, ids)
+
+    def unsupported(self, weight):
+        raise RuntimeError("mkldnn: unsupported")
+
+    monkeypatch.setattr(kernels.PackedWeight, "__init__", unsupported)
+    use_fused_kernels(model)
+    assert_same_loss_and_grads(loss_and_grads(model, ids), expected)
+    assert not any(m._lora_kernel_pack for m in lora_layers(model))  # not tried again at every call
+
+
+def test_weight_packing_is_skipped_when_memory_is_short(tiny_model_dir, monkeypatch):
+    model = lora_model(tiny_model_dir)
+    weights = sum(m.base_layer.weight.numel() * m.base_layer.weight.element_size()
+                  for m in model.modules() if hasattr(m, "base_layer") and isinstance(m.base_layer, torch.nn.Linear))
+    monkeypatch.setattr(kernels, "_available_memory", lambda: 8 * weights - 1)  # the copies need 2x: over a quarter
+    use_fused_kernels(model)
+    assert lora_layers(model) and not any(m._lora_kernel_pack for m in lora_layers(model))
+    monkeypatch.setattr(kernels, "_available_memory", lambda: 8 * weights)
+    use_fused_kernels(model)
+    assert all(m._lora_kernel_pack for m in lora_layers(model))
 
 
 @pytest.mark.parametrize("lora", [dict(lora_dropout=0.1), dict(use_dora=True)])

@@ -192,8 +192,8 @@ class HeadCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             target = targets[rows]
-            logits = (hidden[rows] @ weight.t()).to(stats)            # (c, V)
-            log_probs = torch.log_softmax(logits, dim=-1)             # one fused pass (logsumexp is several)
+            logits = hidden[rows] @ weight.t()                         # (c, V) in the compute dtype
+            log_probs = torch.log_softmax(logits, dim=-1, dtype=stats)  # cast and all in one pass (logsumexp is several)
             total -= log_probs.gather(1, target[:, None]).sum()
             grad_logits = log_probs.exp_()                            # softmax, in place
             grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0

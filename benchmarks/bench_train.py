@@ -96,7 +96,8 @@ def _flops_per_token(model) -> dict:
     return {"per_token": 4 * body + 6 * lora, "per_logit_position": 4 * head}
 
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
+              "mkldnn::_linear_pointwise"}
 
 
 def step_breakdown_callback(first_step: int = 3, steps: int = 5):
@@ -134,6 +135,9 @@ def step_breakdown_callback(first_step: int = 3, steps: int = 5):
                     flops += event.flops or 0
                     if event.key == "aten::addmm_":  # the profiler counts no FLOPs for the in-place form
                         (m, k), (_, n) = event.input_shapes[1], event.input_shapes[2]
+                        flops += 2 * m * k * n * event.count
+                    elif event.key == "mkldnn::_linear_pointwise":  # x (m, k) times a packed (n, k) weight
+                        (m, k), (n, _) = event.input_shapes[0], event.input_shapes[1]
                         flops += 2 * m * k * n * event.count
                 elif "scaled_dot_product" in event.key:
                     split["attention"] += seconds

@@ -156,18 +156,23 @@ def test_torchrun_two_processes_save_one_adapter(tiny_model_dir, train_data, tmp
 
 def test_speed_levers_do_not_change_the_losses(tiny_model_dir, train_data, tmp_path, monkeypatch):
     """Packing + trained-positions-only logits + fused nodes vs plain padded batches: same per-step losses."""
+    from fine_tuning_llms import kernels
     from fine_tuning_llms.kernels import HeadCrossEntropyFunction
     from fine_tuning_llms.training import ChatTrainer
 
-    fused_calls, micro_batches = [], []
+    fused_calls, micro_batches, released = [], [], []
     original, compute_loss = HeadCrossEntropyFunction.apply, ChatTrainer.compute_loss
     monkeypatch.setattr(HeadCrossEntropyFunction, "apply", lambda *a: fused_calls.append(1) or original(*a))
+    release = kernels.release_packed_weights
+    monkeypatch.setattr(kernels, "release_packed_weights", lambda model: released.append(release(model)))
     monkeypatch.setattr(ChatTrainer, "compute_loss",
                         lambda self, *a, **k: micro_batches.append(1) or compute_loss(self, *a, **k))
     common = ("--max_steps", "4", "--lora_dropout", "0", "--dtype", "float32", "--grad_accum", "2")
     fast, plain = tmp_path / "fast", tmp_path / "plain"
     assert main(train_args(tiny_model_dir, train_data, fast, *common)) == 0
     assert len(fused_calls) == len(micro_batches) >= 4  # every training micro-batch took the fused head
+    if kernels.weight_packing_available(torch.float32):
+        assert len(released) == 1 and released[0] > 0  # packed weight copies were used, and freed after training
     fused_in_fast_run = len(fused_calls)
     assert main(train_args(tiny_model_dir, train_data, plain, *common, "--packing", "false",
                            "--trained_logits_only", "false", "--fused_kernels", "false")) == 0

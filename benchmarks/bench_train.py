@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py --levers              # also each speed lever switched off, one at a time
     python benchmarks/bench_train.py --dataset_path my.jsonl --max_steps 30
     python benchmarks/bench_train.py --only toolkit --breakdown   # where a step's time goes
+    python benchmarks/bench_train.py --skip_load --repeats 3      # the pair 3 times, alternating: medians
 
 Same model (embedded SmolLM2-135M-Instruct), conversations, LoRA config, batch size, max length,
 epochs/steps, learning rate and seed for both; TRL keeps its own defaults for everything else
@@ -18,6 +19,8 @@ Also printed: the embedded model's cold (GGUF conversion) and warm load. With --
 toolkit's run is profiled for a few steps after warm-up (torch.profiler, which itself slows the
 small ops) and the step time is split into matmuls (with their achieved FLOP/s), attention,
 other tensor ops, and the rest (Python, autograd engine, Trainer): why MFU is what it is.
+On a shared machine whose speed drifts, --repeats N runs the toolkit/TRL pair N times in turn and
+reports the median speed-up of the pairs.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -308,6 +312,9 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--breakdown", action="store_true",
                         help="profile a few steps of the toolkit's run and split the step time (slows those steps)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the toolkit/TRL pair this many times, alternating, and compare medians "
+                             "(a shared or throttled machine drifts by 10-25%% over minutes)")
     parser.add_argument("--only", choices=["toolkit", "trl"], default=None,
                         help="run just one side (no ratio); for quick checks")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -351,7 +358,11 @@ def main() -> None:
 
     peaks = measure_peaks()
 
-    variants = [("toolkit train", "toolkit", []), ("TRL SFTTrainer", "trl", [])]
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be 1 or more")
+    pair = [("toolkit train", "toolkit", []), ("TRL SFTTrainer", "trl", [])]
+    variants = [(f"{label} (run {i + 1})" if args.repeats > 1 else label, kind, extra)
+                for i in range(args.repeats) for label, kind, extra in pair]  # alternating: drift hits both
     if args.levers:
         variants += [("toolkit, --packing false", "toolkit", ["--no_packing"]),
                      ("toolkit, --trained_logits_only false", "toolkit", ["--no_trained_logits"]),
@@ -394,10 +405,19 @@ def main() -> None:
               f"RSS {r['peak_rss_mb']:6.0f} MB  held-out loss {r['eval_loss']:.4f}  MFU {100 * r['mfu']:4.1f}%")
     if args.only:
         return
-    ours, trl = rows[0], rows[1]
-    print(f"Speed-up vs TRL: {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s; held-out loss "
-          f"{100 * (ours['eval_loss'] - trl['eval_loss']) / trl['eval_loss']:+.1f}% vs TRL; peak RSS "
-          f"{ours['peak_rss_mb']:.0f} MB vs {trl['peak_rss_mb']:.0f} MB")
+    ours = [r for r in rows if r["label"].startswith("toolkit train")]
+    trl = [r for r in rows if r["label"].startswith("TRL")]
+    ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, trl)]
+    if args.repeats > 1:
+        print(f"Medians of {args.repeats} alternating runs: toolkit "
+              f"{statistics.median(r['tokens_per_s'] for r in ours):.0f} tok/s, MFU "
+              f"{100 * statistics.median(r['mfu'] for r in ours):.1f}%; TRL "
+              f"{statistics.median(r['tokens_per_s'] for r in trl):.0f} tok/s; speed-up per pair "
+              + ", ".join(f"{x:.2f}x" for x in ratios))
+    ours_rss, trl_rss = max(r["peak_rss_mb"] for r in ours), max(r["peak_rss_mb"] for r in trl)
+    print(f"Speed-up vs TRL: {statistics.median(ratios):.2f}x tokens/s; held-out loss "
+          f"{100 * (ours[0]['eval_loss'] - trl[0]['eval_loss']) / trl[0]['eval_loss']:+.1f}% vs TRL; peak RSS "
+          f"{ours_rss:.0f} MB vs {trl_rss:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ and a cast of the result; autograd records a node for each and replays them back
 all-linear LoRA on a 30-layer model that is 210 such chains per step; on this 2-core CPU their
 fixed costs were ~19% of a training step (measured: 1.57 s vs 1.28 s per step with adapters
 disabled), far more than the adapters' arithmetic (~1%). With this node (and the RMSNorm one
-below) a step was 1.11x faster end to end; with all four nodes of this module it is 1.23x
-(`benchmarks/bench_train.py --levers`, --fused_kernels false vs on).
+below) a step was 1.11x faster end to end; with all the nodes of this module it is 1.13-1.23x
+across runs (`benchmarks/bench_train.py --levers`, --fused_kernels false vs on).
 
 Here the same maths is one ``torch.autograd.Function`` with a hand-written backward: three
 matmuls forward (the LoRA product added in place), five backward, no full-size casts. The

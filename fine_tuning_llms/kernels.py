@@ -33,8 +33,9 @@ rotated in fp32 instead of bf16.
 
 On CPU the LoRA layers' frozen base weights are also reordered once, while training, into the
 blocked layout oneDNN computes with (``PackedWeight``): a plain matmul reorders its weight again
-at every call. 1.04-1.08x a step here (in-process A/B), for two extra copies of those weights,
-freed when training ends; skipped when they would not fit comfortably in memory.
+at every call. 1.04-1.08x a step here in in-process A/Bs (1.03x, the median of 9 pairs of whole
+runs, which this VM's noise blurs), for two extra copies of those weights, freed when training
+ends; skipped when they would not fit comfortably in memory.
 
 RMSNorm gets the same treatment (``RMSNormFunction``): transformers' LlamaRMSNorm is eight
 autograd ops forward and about twelve backward, 2.1 ms per call on a 617-token row here; as one
@@ -96,7 +97,7 @@ class PackedWeight:
 
     Every plain CPU matmul reorders its weight operand into that layout again, each call; for the
     ~600-row products of a training step that is several percent of the matmul time (measured per
-    shape: 7-12% in bf16, 13-16% in fp32). The two copies cost 2 x the frozen weight's size
+    SmolLM2 shape: 0-12% in bf16, 13-16% in fp32). The two copies cost 2 x the frozen weight's size
     while training; ``release_packed_weights`` frees them when training ends. They are made from
     the weight as it is when first needed, so they are only valid while the weight is frozen and
     unchanged, which is what LoRA training guarantees (``key`` also catches a replaced tensor)."""

@@ -107,7 +107,7 @@ class PackedWeight:
     def __init__(self, weight: torch.Tensor):
         w = weight.detach()
         self.key = _weight_key(weight)
-        self.nbytes = 2 * w.numel() * w.element_size()
+        self.nbytes = packed_bytes(w)
         self._forward = torch.ops.mkldnn._reorder_linear_weight(w, self.ROWS_HINT)               # for x @ W.T
         self._backward = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), self.ROWS_HINT)  # g @ W
 
@@ -116,6 +116,11 @@ class PackedWeight:
 
     def backward(self, grad):
         return torch.ops.mkldnn._linear_pointwise(grad, self._backward, None, "none", [], "")
+
+
+def packed_bytes(weight: torch.Tensor) -> int:
+    """Memory the two packed copies of ``weight`` take."""
+    return 2 * weight.numel() * weight.element_size()
 
 
 def _weight_key(weight: torch.Tensor) -> tuple:
@@ -403,7 +408,7 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
         lora_layers.append(module)
         patched += 1
     cpu_weights = [m.base_layer.weight for m in lora_layers if m.base_layer.weight.device.type == "cpu"]
-    extra = sum(2 * w.numel() * w.element_size() for w in cpu_weights)
+    extra = sum(packed_bytes(w) for w in cpu_weights)
     available = _available_memory()
     pack = pack_weights and bool(cpu_weights) and (available is None or extra <= available // 4)
     if pack_weights and cpu_weights and not pack:

@@ -97,7 +97,7 @@ class PackedWeight:
 
     Every plain CPU matmul reorders its weight operand into that layout again, each call; for the
     ~600-row products of a training step that is several percent of the matmul time (measured per
-    SmolLM2 shape: 0-12% in bf16, 13-16% in fp32). The two copies cost 2 x the frozen weight's size
+    SmolLM2 shape: -2% to +12% in bf16, 13-16% in fp32). The two copies cost 2 x the frozen weight's size
     while training; ``release_packed_weights`` frees them when training ends. They are made from
     the weight as it is when first needed, so they are only valid while the weight is frozen and
     unchanged, which is what LoRA training guarantees (``key`` also catches a replaced tensor)."""

@@ -144,6 +144,8 @@ def _packed_weight(module, weight: torch.Tensor, dtype: torch.dtype):
     packed = getattr(module, "_lora_kernel_packed", None)
     if packed is None or packed.key != _weight_key(weight):
         try:
+            if not weight_packing_available(dtype):
+                raise NotImplementedError(f"no oneDNN packing for {dtype} here")
             packed = PackedWeight(weight)
         except (RuntimeError, AttributeError, NotImplementedError):
             module._lora_kernel_pack = False  # this build or CPU cannot: keep the plain matmuls from now on

@@ -332,3 +332,16 @@ def test_packed_attention_node_only_for_packed_training_rows(tiny_model_dir, mon
     assert calls == []
     model(**batch, use_cache=False).logits.sum().backward()
     assert len(calls) == model.config.num_hidden_layers
+
+
+def test_weight_packing_is_not_tried_where_the_build_cannot_pack_the_dtype(tiny_model_dir, monkeypatch):
+    ids = torch.randint(0, 300, (2, 11))
+    model = lora_model(tiny_model_dir)
+    expected = loss_and_grads(model, ids)
+    built = []
+    original = kernels.PackedWeight.__init__
+    monkeypatch.setattr(kernels.PackedWeight, "__init__", lambda self, w: built.append(1) or original(self, w))
+    monkeypatch.setattr(kernels, "weight_packing_available", lambda dtype: False)
+    use_fused_kernels(model)
+    assert_same_loss_and_grads(loss_and_grads(model, ids), expected)
+    assert built == [] and not any(m._lora_kernel_pack for m in lora_layers(model))

@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py --dataset_path my.jsonl --max_steps 30
     python benchmarks/bench_train.py --only toolkit --breakdown   # where a step's time goes
     python benchmarks/bench_train.py --skip_load --repeats 3      # the pair 3 times, alternating: medians
+    python benchmarks/bench_train.py --only toolkit --ceiling     # the highest MFU this step could reach here
 
 Same model (embedded SmolLM2-135M-Instruct), conversations, LoRA config, batch size, max length,
 epochs/steps, learning rate and seed for both; TRL keeps its own defaults for everything else
@@ -19,6 +20,9 @@ Also printed: the embedded model's cold (GGUF conversion) and warm load. With --
 toolkit's run is profiled for a few steps after warm-up (torch.profiler, which itself slows the
 small ops) and the step time is split into matmuls (with their achieved FLOP/s), attention,
 other tensor ops, and the rest (Python, autograd engine, Trainer): why MFU is what it is.
+With --ceiling an epoch of only the matmuls the step needs is timed (the toolkit's kernels, the
+real weights and row counts; everything else free): the MFU no implementation of this step with
+these kernels can beat on this machine, and how small everything else would have to get for a given MFU.
 On a shared machine whose speed drifts, --repeats N runs the toolkit/TRL pair N times in turn and
 reports the median speed-up of the pairs.
 """
@@ -238,6 +242,77 @@ def child_trl(args, out: Path) -> dict:
             "steps": trainer.state.global_step}
 
 
+def child_ceiling(args) -> dict:
+    """The MFU no implementation of this step with these kernels can beat here: a training epoch
+    reduced to the matmuls it needs (each LoRA layer's forward and input gradient through the frozen weight, the LoRA
+    products and their gradients, the head on trained positions), run back to back with the
+    kernels the toolkit uses, on the real weights and row counts. Attention, norms, activations,
+    loss, optimizer, casts and Python are taken as free. FLOPs are counted as for the runs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from fine_tuning_llms.config import Config, ModelConfig
+    from fine_tuning_llms.data import load_train_eval
+    from fine_tuning_llms.data_preprocessing import tokenize_conversations
+    from fine_tuning_llms.kernels import PackedWeight, weight_packing_available
+    from fine_tuning_llms.models import load_model, load_tokenizer
+
+    cfg = Config()
+    cfg.data.dataset_path, cfg.data.max_length = args.dataset_path, args.max_length
+    tokenizer = load_tokenizer(ModelConfig())
+    examples = tokenize_conversations(tokenizer, load_train_eval(cfg.data).train.conversations,
+                                      max_length=args.max_length, train_on=cfg.data.train_on, progress=False).examples
+    # Batches in file order: the toolkit groups by length, which moves rows between steps but not
+    # the epoch's total; each step's matmuls run on one packed row of all its conversations.
+    steps = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
+    if args.max_steps > 0:
+        steps = steps[:args.max_steps]
+    rows = [sum(len(e["input_ids"]) for e in batch) for batch in steps]
+    trained = [sum(label != -100 for e in batch for label in e["labels"]) for batch in steps]
+
+    dtype = torch.float32 if args.fp32 or not torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.bfloat16
+    model = get_peft_model(load_model(ModelConfig(dtype="float32")), LoraConfig(**LORA))
+    packed = weight_packing_available(dtype)
+    layers, frozen = [], 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            name = module.active_adapters[0]
+            weight = module.base_layer.weight.detach().to(dtype)
+            frozen += weight.numel()
+            layers.append((PackedWeight(weight) if packed else weight, module.lora_A[name].weight.detach().to(dtype),
+                           module.lora_B[name].weight.detach().to(dtype), module.scaling[name]))
+    head = model.get_output_embeddings().weight.detach().to(dtype)
+    del model
+    hidden = head.shape[1]
+    widest = max(rows)
+    inputs = {n: torch.randn(widest, n, dtype=dtype) for n in {hidden, *(w.shape[1] for _, w, _, _ in layers)}}
+    grads = {n: torch.randn(widest, n, dtype=dtype) for n in {b.shape[0] for _, _, b, _ in layers}}
+    head_grad = torch.randn(max(trained), head.shape[0], dtype=dtype)
+
+    def step(m: int, t: int) -> None:
+        for base, a, b, s in layers:  # LoraLinearFunction's forward and backward matmuls, in order
+            x, g = inputs[a.shape[1]][:m], grads[b.shape[0]][:m]
+            xa = x @ a.t()
+            y = base.forward(x) if packed else x @ base.t()
+            y.addmm_(xa, b.t(), alpha=s)
+            gxa = g @ b
+            gxa.t() @ x, g.t() @ xa
+            gx = base.backward(g) if packed else g @ base
+            gx.addmm_(gxa, a, alpha=s)
+        h = inputs[hidden][:t]  # HeadCrossEntropyFunction's two matmuls
+        h @ head.t(), head_grad[:t] @ head
+
+    step(rows[0], trained[0])  # warm-up: oneDNN primitive creation
+    start = time.perf_counter()
+    for m, t in zip(rows, trained):
+        step(m, t)
+    seconds = time.perf_counter() - start
+    per_token = 4 * frozen + 6 * sum(a.numel() + b.numel() for _, a, b, _ in layers)  # as _flops_per_token
+    return {"seconds": seconds, "steps": len(steps), "fp32": dtype == torch.float32,
+            "useful_flops": sum(rows) * per_token + sum(trained) * 4 * head.numel()}
+
+
 def child_load(out: Path) -> dict:
     """Time the one-time Python imports apart from loading (or first converting) the model."""
     start = time.perf_counter()
@@ -284,6 +359,21 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0) -> float:
     return best
 
 
+def print_ceiling(ceiling: dict, toolkit_rows: list[dict], peak: float, target: float = 0.60) -> None:
+    """The matmuls-only epoch's MFU, and what MFU `target` would leave the rest of a toolkit step."""
+    mfu = ceiling["useful_flops"] / ceiling["seconds"] / peak
+    print(f"  MFU ceiling: the run's {ceiling['steps']} steps reduced to the matmuls they need (the toolkit's kernels; "
+          f"attention, norms, activations, loss, optimizer and Python taken as free) takes "
+          f"{ceiling['seconds']:.1f} s: MFU {100 * mfu:.1f}%")
+    for r in toolkit_rows[:1]:
+        matmuls = ceiling["seconds"] * r["useful_flops"] / ceiling["useful_flops"]  # same work, same epoch
+        allowed = r["useful_flops"] / (target * peak) - matmuls
+        print(f"    the toolkit's run took {r['seconds']:.1f} s: {matmuls:.1f} s of those matmuls + "
+              f"{r['seconds'] - matmuls:.1f} s of everything else; MFU {100 * target:.0f}% would leave "
+              f"everything else {max(allowed, 0):.1f} s "
+              f"({100 * max(allowed, 0) / (r['seconds'] - matmuls):.0f}% of what it takes now)")
+
+
 def run_child(kind: str, args, extra: list[str], env: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
@@ -312,6 +402,9 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--breakdown", action="store_true",
                         help="profile a few steps of the toolkit's run and split the step time (slows those steps)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time an epoch of only the matmuls a step needs: the highest MFU any "
+                             "implementation of this step could reach on this machine")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the toolkit/TRL pair this many times, alternating, and compare medians "
                              "(a shared or throttled machine drifts by 10-25%% over minutes)")
@@ -329,7 +422,8 @@ def main() -> None:
             fn = {"toolkit": lambda: child_toolkit(args, Path(tmp) / "out"),
                   "trl": lambda: child_trl(args, Path(tmp) / "out"),
                   "load": lambda: child_load(Path(tmp)),
-                  "eval": lambda: child_eval(args)}[args._child]
+                  "eval": lambda: child_eval(args),
+                  "ceiling": lambda: child_ceiling(args)}[args._child]
             result = fn()
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         Path(args._result).write_text(json.dumps(result))
@@ -382,6 +476,7 @@ def main() -> None:
             if "--breakdown" not in extra:  # the profiled run is there for its step split only
                 row["eval_loss"] = run_child("eval", args, common + [adapter])["eval_loss"]
         rows.append(row | {"label": label, "fp32": "--fp32" in extra, "extra": extra})
+    ceiling = run_child("ceiling", args, common) if args.ceiling else None
     # The peak is measured before and after the runs and the higher kept: a busy moment lowers
     # it, and a low peak would flatter every MFU figure.
     again = measure_peaks()
@@ -403,6 +498,9 @@ def main() -> None:
         print(f"  {r['label']:44s} {r['tokens_per_s']:8.0f} tok/s  {r['seconds']:7.1f} s (+{r['eval_seconds']:.1f} s held-out "
               f"eval)  {r['steps']:4d} steps  "
               f"RSS {r['peak_rss_mb']:6.0f} MB  held-out loss {r['eval_loss']:.4f}  MFU {100 * r['mfu']:4.1f}%")
+    if ceiling:
+        print_ceiling(ceiling, [r for r in rows if r["label"].startswith("toolkit train")],
+                      peaks["float32"] if ceiling["fp32"] else peaks["bfloat16"])
     if args.only:
         return
     ours = [r for r in rows if r["label"].startswith("toolkit train")]

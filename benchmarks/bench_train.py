@@ -20,9 +20,9 @@ Also printed: the embedded model's cold (GGUF conversion) and warm load. With --
 toolkit's run is profiled for a few steps after warm-up (torch.profiler, which itself slows the
 small ops) and the step time is split into matmuls (with their achieved FLOP/s), attention,
 other tensor ops, and the rest (Python, autograd engine, Trainer): why MFU is what it is.
-With --ceiling an epoch of only the matmuls the step needs is timed (the toolkit's kernels, the
-real weights and row counts; everything else free): the MFU no implementation of this step with
-these kernels can beat on this machine, and how small everything else would have to get for a given MFU.
+With --ceiling the run's steps reduced to the matmuls they need are timed (the toolkit's kernels,
+the real weights and row counts; everything else free): the MFU no implementation of this step
+with these kernels can beat on this machine, and how small everything else would have to get.
 On a shared machine whose speed drifts, --repeats N runs the toolkit/TRL pair N times in turn and
 reports the median speed-up of the pairs.
 """
@@ -243,11 +243,12 @@ def child_trl(args, out: Path) -> dict:
 
 
 def child_ceiling(args) -> dict:
-    """The MFU no implementation of this step with these kernels can beat here: a training epoch
-    reduced to the matmuls it needs (each LoRA layer's forward and input gradient through the frozen weight, the LoRA
-    products and their gradients, the head on trained positions), run back to back with the
-    kernels the toolkit uses, on the real weights and row counts. Attention, norms, activations,
-    loss, optimizer, casts and Python are taken as free. FLOPs are counted as for the runs."""
+    """The MFU no implementation of this step with these kernels can beat here: the run's steps
+    reduced to the matmuls they need (each LoRA layer's forward and input gradient through the
+    frozen weight, the LoRA products and their gradients, the head on trained positions), run back
+    to back with the kernels the toolkit uses, on the real weights and row counts. Attention,
+    norms, activations, loss, optimizer, casts and Python are taken as free. FLOPs are counted as
+    for the runs (``_flops_per_token``)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -263,8 +264,8 @@ def child_ceiling(args) -> dict:
     tokenizer = load_tokenizer(ModelConfig())
     examples = tokenize_conversations(tokenizer, load_train_eval(cfg.data).train.conversations,
                                       max_length=args.max_length, train_on=cfg.data.train_on, progress=False).examples
-    # Batches in file order: the toolkit groups by length, which moves rows between steps but not
-    # the epoch's total; each step's matmuls run on one packed row of all its conversations.
+    # Batches in file order: the toolkit draws them in a seeded random order, which moves rows
+    # between steps but not the epoch's total; each step's matmuls run on one packed row.
     steps = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
     if args.max_steps > 0:
         steps = steps[:args.max_steps]
@@ -274,12 +275,12 @@ def child_ceiling(args) -> dict:
     dtype = torch.float32 if args.fp32 or not torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.bfloat16
     model = get_peft_model(load_model(ModelConfig(dtype="float32")), LoraConfig(**LORA))
     packed = weight_packing_available(dtype)
-    layers, frozen = [], 0
+    flops = _flops_per_token(model)
+    layers = []
     for module in model.modules():
         if isinstance(module, LoraLinear):
             name = module.active_adapters[0]
             weight = module.base_layer.weight.detach().to(dtype)
-            frozen += weight.numel()
             layers.append((PackedWeight(weight) if packed else weight, module.lora_A[name].weight.detach().to(dtype),
                            module.lora_B[name].weight.detach().to(dtype), module.scaling[name]))
     head = model.get_output_embeddings().weight.detach().to(dtype)
@@ -297,7 +298,7 @@ def child_ceiling(args) -> dict:
             y = base.forward(x) if packed else x @ base.t()
             y.addmm_(xa, b.t(), alpha=s)
             gxa = g @ b
-            gxa.t() @ x, g.t() @ xa
+            gxa.t() @ x, g.t() @ xa  # the LoRA weight gradients (only their time counts here)
             gx = base.backward(g) if packed else g @ base
             gx.addmm_(gxa, a, alpha=s)
         h = inputs[hidden][:t]  # HeadCrossEntropyFunction's two matmuls
@@ -308,9 +309,8 @@ def child_ceiling(args) -> dict:
     for m, t in zip(rows, trained):
         step(m, t)
     seconds = time.perf_counter() - start
-    per_token = 4 * frozen + 6 * sum(a.numel() + b.numel() for _, a, b, _ in layers)  # as _flops_per_token
     return {"seconds": seconds, "steps": len(steps), "fp32": dtype == torch.float32,
-            "useful_flops": sum(rows) * per_token + sum(trained) * 4 * head.numel()}
+            "useful_flops": sum(rows) * flops["per_token"] + sum(trained) * flops["per_logit_position"]}
 
 
 def child_load(out: Path) -> dict:
@@ -403,8 +403,8 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="profile a few steps of the toolkit's run and split the step time (slows those steps)")
     parser.add_argument("--ceiling", action="store_true",
-                        help="also time an epoch of only the matmuls a step needs: the highest MFU any "
-                             "implementation of this step could reach on this machine")
+                        help="also time the run's steps reduced to the matmuls they need, with the toolkit's "
+                             "kernels: the highest MFU this step could reach on this machine")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the toolkit/TRL pair this many times, alternating, and compare medians "
                              "(a shared or throttled machine drifts by 10-25%% over minutes)")

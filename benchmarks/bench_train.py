@@ -498,13 +498,12 @@ def main() -> None:
         print(f"  {r['label']:44s} {r['tokens_per_s']:8.0f} tok/s  {r['seconds']:7.1f} s (+{r['eval_seconds']:.1f} s held-out "
               f"eval)  {r['steps']:4d} steps  "
               f"RSS {r['peak_rss_mb']:6.0f} MB  held-out loss {r['eval_loss']:.4f}  MFU {100 * r['mfu']:4.1f}%")
-    if ceiling:
-        print_ceiling(ceiling, [r for r in rows if r["label"].startswith("toolkit train")],
-                      peaks["float32"] if ceiling["fp32"] else peaks["bfloat16"])
-    if args.only:
-        return
     ours = [r for r in rows if r["label"].startswith("toolkit train")]
     trl = [r for r in rows if r["label"].startswith("TRL")]
+    if ceiling:
+        print_ceiling(ceiling, ours, peaks["float32"] if ceiling["fp32"] else peaks["bfloat16"])
+    if args.only:
+        return
     ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, trl)]
     if args.repeats > 1:
         print(f"Medians of {args.repeats} alternating runs: toolkit "

@@ -144,10 +144,10 @@ def _packed_weight(module, weight: torch.Tensor, dtype: torch.dtype):
     packed = getattr(module, "_lora_kernel_packed", None)
     if packed is None or packed.key != _weight_key(weight):
         try:
-            if not weight_packing_available(dtype):
-                raise NotImplementedError(f"no oneDNN packing for {dtype} here")
-            packed = PackedWeight(weight)
-        except (RuntimeError, AttributeError, NotImplementedError):
+            packed = PackedWeight(weight) if weight_packing_available(dtype) else None
+        except (RuntimeError, AttributeError):
+            packed = None
+        if packed is None:
             module._lora_kernel_pack = False  # this build or CPU cannot: keep the plain matmuls from now on
             return None
         module._lora_kernel_packed = packed

@@ -25,7 +25,7 @@ def child(fused: bool, vocab: int, rows: int, length: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fine_tuning_llms.packed_attention import register_packed_attention
-    from fine_tuning_llms.training import packed_causal_mask, trained_token_loss
+    from fine_tuning_llms.training import trained_token_loss
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -37,8 +37,7 @@ def child(fused: bool, vocab: int, rows: int, length: int) -> None:
     lengths = [length] * rows
     ids = torch.randint(0, vocab, (1, sum(lengths)))
     batch = {"input_ids": ids, "labels": ids.clone(),
-             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
-             "attention_mask": packed_causal_mask(lengths)}
+             "position_ids": torch.cat([torch.arange(n) for n in lengths])[None], "use_cache": False}
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # the logits path gets autocast from around the model (as accelerate does); the fused path applies it itself
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not fused):

@@ -26,6 +26,9 @@ class ModelConfig:
     dtype: str = _f("auto", "Weight dtype: auto (bfloat16/float16 on CUDA, float32 on CPU), float32, bfloat16.",
                     choices=["auto", "float32", "bfloat16", "float16"])
     device: str = _f("auto", "Device: auto (CUDA when present, else CPU), cpu, cuda.", choices=["auto", "cpu", "cuda"])
+    attn_implementation: str = _f("auto", "Attention implementation: auto (transformers' choice: SDPA where the "
+                                  "model supports it, else eager), eager, sdpa, flex_attention, flash_attention_2.",
+                                  choices=["auto", "eager", "sdpa", "flex_attention", "flash_attention_2"])
     load_8bit: bool = _f(False, "Load the base model in 8-bit with bitsandbytes (LoRA on top).")
     load_4bit: bool = _f(False, "Load the base model in 4-bit nf4 with bitsandbytes (QLoRA).")
     trust_remote_code: bool = _f(False, "Allow model code from the model folder/hub to run. Off by default: only "
@@ -86,8 +89,10 @@ class TrainConfig:
     eval_answers: int = _f(40, "Held-out prompts answered before and after training (0: skip; saves time).")
     merge: bool = _f(False, "Also write final_model_merged/: the base model with the adapter merged in.")
     overwrite_output_dir: bool = _f(False, "Allow replacing an existing final_model/ in --output_dir.")
-    packing: bool = _f(True, "Padding-free batches: conversations laid end to end with a block-diagonal "
-                       "attention mask (exact; no compute spent on padding). --packing false pads instead.")
+    packing: bool = _f(True, "Padding-free batches: conversations laid end to end in one row, each attending only "
+                       "to itself (no compute spent on padding). A start-up self-check compares packed with "
+                       "one-by-one loss on the real model; if they differ, the run pads instead and says so. "
+                       "--packing false always pads.")
     trained_logits_only: bool = _f(True, "Compute the vocabulary projection only where a token is trained "
                                    "(faster, same loss). --trained_logits_only false computes all logits.")
     fused_kernels: bool = _f(True, "While training, run each plain LoRA layer, packed attention (CPU), RMSNorm, "

@@ -25,8 +25,8 @@ from .data import load_train_eval
 from .data_preprocessing import tokenize_conversations
 from .errors import UserError
 from .models import count_parameters, load_model, load_tokenizer, pick_device, resolve_model
-from .packed_attention import register_packed_attention
-from .training import (ChatTrainer, CompleteCheckpointCallback, ExampleDataset, NonFiniteLossError, PackingCollator, PadCollator,
+from .packing import PackingCollator, choose_layout
+from .training import (ChatTrainer, CompleteCheckpointCallback, ExampleDataset, NonFiniteLossError, PadCollator,
                        TrainingLogCallback, complete_checkpoints, cpu_supports_bf16, mean_eval_loss, perplexity)
 
 log = logging.getLogger(__name__)
@@ -193,8 +193,6 @@ def run(cfg: Config) -> dict:
     check_max_length(tokenizer, cfg.data.max_length)  # fail in a second, before loading weights
     device = pick_device(cfg.model.device)
     model = load_model(training_model_config(cfg, device), source)
-    if cfg.train.packing and model.config._attn_implementation == "sdpa":
-        model.set_attn_implementation(register_packed_attention())  # per-conversation attention in packed rows
 
     data = load_train_eval(cfg.data)
     train_set = tokenize_conversations(tokenizer, data.train.conversations, max_length=cfg.data.max_length,
@@ -221,8 +219,11 @@ def run(cfg: Config) -> dict:
     pairs = answer_prompts(data.eval, cfg.train.eval_answers)
     is_main = args.process_index == 0
 
-    # Cheap sanity check before the long part: held-out loss and answers of the untouched model.
-    packed = cfg.train.packing
+    # Packing only where the real model proves it exact (a second or so), then the held-out loss
+    # and answers of the untouched model: cheap sanity checks before the long part.
+    layout = choose_layout(model, train_set.examples, enabled=cfg.train.packing, autocast_dtype=autocast,
+                           fused_head=cfg.train.fused_kernels, trained_logits_only=cfg.train.trained_logits_only)
+    packed = layout.packed
     before_loss = mean_eval_loss(model, eval_set.examples, pad_id, autocast_dtype=autocast, packed=packed)
     before_answers = generate_answers(model, tokenizer, pairs, label="before") if is_main and pairs else []
     log.info("Before training: held-out loss %.4f (perplexity %.2f)", before_loss, perplexity(before_loss))
@@ -230,7 +231,7 @@ def run(cfg: Config) -> dict:
     log_callback = TrainingLogCallback(out / "training_log.csv")
     trainer = ChatTrainer(model=model, args=args, train_dataset=ExampleDataset(train_set.examples),
                           eval_dataset=ExampleDataset(eval_set.examples) if eval_set.examples else None,
-                          data_collator=PackingCollator() if cfg.train.packing else PadCollator(pad_id),
+                          data_collator=PackingCollator() if packed else PadCollator(pad_id),
                           callbacks=[log_callback, CompleteCheckpointCallback()],
                           trained_logits_only=cfg.train.trained_logits_only, fused_head=cfg.train.fused_kernels,
                           packed=packed, pad_token_id=pad_id)
@@ -276,6 +277,7 @@ def run(cfg: Config) -> dict:
         "trained_tokens_per_s": round(trainer.trained_tokens_seen / training_seconds, 1) if training_seconds else None,
         "trainable_parameters": trainable, "total_parameters": total, "new_token_ids": new_ids,
         "train_examples": train_set.kept, "eval_examples": eval_set.kept, "eval_source": data.eval_source,
+        "batches": layout.as_dict(),
     }
     comparisons = [{"prompt": msgs[-1]["content"], "reference": ref, "before": b, "after": a}
                    for (msgs, ref), b, a in zip(pairs, before_answers, after_answers)]

@@ -278,6 +278,8 @@ def load_model(cfg: ModelConfig, source: Optional[ModelSource] = None):
     dtype = pick_dtype(cfg.dtype, device)
     quant = quantization_config(cfg, compute_dtype=dtype if dtype != torch.float32 else torch.float32)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=not cfg.allow_pickle or None)
+    if cfg.attn_implementation != "auto":
+        kwargs["attn_implementation"] = cfg.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
         # bitsandbytes places weights itself; on CUDA pin everything to the current GPU.
@@ -287,13 +289,19 @@ def load_model(cfg: ModelConfig, source: Optional[ModelSource] = None):
         model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except UserError:
         raise
+    except (ValueError, ImportError) as exc:
+        if cfg.attn_implementation != "auto" and ("attn" in str(exc).lower() or "attention" in str(exc).lower()):
+            raise UserError(f"--attn_implementation {cfg.attn_implementation}: {str(exc).splitlines()[0][:200]}; "
+                            "pick another or use auto") from None
+        raise _hub_error(exc, source) from None
     except Exception as exc:
         raise _hub_error(exc, source) from None
     if quant is None:
         model.to(device)
     model.eval()
-    log.info("Loaded %s (%s, %s%s) in %.1f s", source.display_name, type(model).__name__, str(dtype).replace("torch.", ""),
-             ", 8-bit" if cfg.load_8bit else ", 4-bit" if cfg.load_4bit else "", time.perf_counter() - start)
+    log.info("Loaded %s (%s, %s%s, %s attention) in %.1f s", source.display_name, type(model).__name__,
+             str(dtype).replace("torch.", ""), ", 8-bit" if cfg.load_8bit else ", 4-bit" if cfg.load_4bit else "",
+             model.config._attn_implementation, time.perf_counter() - start)
     return model
 
 

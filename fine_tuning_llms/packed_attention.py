@@ -1,12 +1,16 @@
 """Attention for packed rows: each conversation attends only to itself, at per-sequence cost.
 
-A packed row holds several conversations end to end (``training.PackingCollator``). A
-block-diagonal mask makes that exact under plain SDPA, but the CPU kernel then still does
-T x T work for the whole row: with 8 conversations of ~75 tokens that is 8x the attention of
-running them one by one, a quarter of a training step on this model. Here the row is split
-where position ids restart and SDPA runs causally on each conversation (no mask at all).
-Anything that is not a single packed row (padded batches, generation with a cache) goes to
-transformers' own SDPA path unchanged.
+A packed row holds several conversations end to end (``packing.PackingCollator``). The
+per-sequence mask transformers builds for it makes plain SDPA exact, but the CPU kernel then
+still does T x T work for the whole row: with 8 conversations of ~75 tokens that is 8x the
+attention of running them one by one. Here the row is split where position ids restart and SDPA
+runs causally on each conversation (no mask at all).
+
+Only plain causal attention takes that path. Anything else goes to transformers' own SDPA with
+the mask transformers built (per-sequence for packed rows): padded batches, generation with a
+cache, and layers whose maths the split would change: a sliding window shorter than the
+conversation (Mistral, Gemma-2/3, Qwen with sliding layers), logit soft-capping (Gemma-2),
+attention sinks, non-causal layers.
 
     model.set_attn_implementation(PACKED_SDPA)   # after register_packed_attention()
 """
@@ -17,13 +21,17 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .packing import packed_lengths
+
 PACKED_SDPA = "packed_sdpa"
 
 
-def packed_lengths(position_ids: torch.Tensor) -> list[int]:
-    """Lengths of the conversations in one packed row: its position ids restart at 0 for each."""
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [position_ids.shape[1]]
-    return [end - start for start, end in zip(starts, starts[1:])]
+def _plain_causal(module, kwargs: dict, lengths: list[int]) -> bool:
+    """Whether per-conversation causal SDPA computes exactly what this layer computes."""
+    if not getattr(module, "is_causal", True) or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        return False
+    window = kwargs.get("sliding_window")
+    return window is None or max(lengths) <= window
 
 
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -38,6 +46,9 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     lengths = packed_lengths(position_ids)
+    if not _plain_causal(module, kwargs, lengths):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     dtype, on_cpu = query.dtype, query.device.type == "cpu"
     if on_cpu:
         # The CPU flash kernel's bf16 backward has a large fixed cost per call (2.0 ms for a

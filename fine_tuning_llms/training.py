@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 from . import chat
 from .artefacts import atomic_write_text
 from .kernels import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
+from .packing import PackingCollator
 
 log = logging.getLogger(__name__)
 
@@ -48,37 +49,6 @@ class PadCollator:
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         return chat.pad_batch(examples, self.pad_token_id)
-
-
-def packed_causal_mask(lengths: Sequence[int]) -> torch.Tensor:
-    """(1, 1, T, T) boolean mask: causal *within* each sequence, nothing across them.
-
-    Restarting position ids alone does not isolate packed sequences under SDPA (the second
-    sequence would attend to the first), so the block-diagonal mask is what makes packing exact.
-    """
-    seq_id = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(list(lengths)))  # (T,)
-    same_sequence = seq_id[:, None] == seq_id[None, :]
-    causal = torch.ones(len(seq_id), len(seq_id), dtype=torch.bool).tril()
-    return (same_sequence & causal)[None, None]
-
-
-class PackingCollator:
-    """Padding-free batches: the batch's conversations laid end to end in one row.
-
-    No pad tokens are computed at all; position ids restart per conversation and a
-    block-diagonal causal mask keeps each conversation attending only to itself, so the loss
-    equals that of the same conversations run one by one (tested).
-    """
-
-    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        lengths = [len(e["input_ids"]) for e in examples]
-        input_ids = torch.tensor([t for e in examples for t in e["input_ids"]], dtype=torch.long)[None]
-        labels = torch.tensor([t for e in examples for t in e["labels"]], dtype=torch.long)[None]
-        starts = torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)
-        labels[0, starts] = chat.IGNORE_INDEX  # a conversation's first token is never predicted from the previous one
-        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                "attention_mask": packed_causal_mask(lengths)}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -115,8 +85,8 @@ class ChatTrainer(Trainer):
         return 6 * inputs["input_ids"].numel() * self._non_embedding_params
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        mask = inputs["attention_mask"]
-        self.tokens_seen += int(mask.sum()) if mask.dim() == 2 else inputs["input_ids"].numel()
+        mask = inputs.get("attention_mask")  # padded batches; a packed row has no padding
+        self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         self.trained_tokens_seen += int((inputs["labels"] != chat.IGNORE_INDEX).sum())
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
@@ -172,7 +142,7 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
     (``kernels.HeadCrossEntropyFunction``); outputs are then None. The decoder is called
     directly there, so the autocast that accelerate puts around ``model.forward`` is applied here.
     """
-    inputs = dict(inputs)
+    inputs = dict(inputs, use_cache=False)  # a cache would make transformers stop isolating packed sequences
     targets = inputs.pop("labels")[0, 1:]                      # (T-1,) token t+1 is predicted at t
     keep = (targets != chat.IGNORE_INDEX).nonzero().squeeze(1)  # (N,) positions that need logits
     head = head_for_fused_loss(model) if fused_head else None
@@ -182,7 +152,7 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
         autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            hidden = decoder(**inputs, use_cache=False).last_hidden_state[0, keep]  # (N, d)
+            hidden = decoder(**inputs).last_hidden_state[0, keep]  # (N, d)
             if hidden.dtype == torch.float16:
                 # the node's fp16 softmax gradient would flush small probabilities to zero before the
                 # loss scaler can lift them; fp16 keeps autograd's cross-entropy (bf16 has fp32's range)
@@ -191,7 +161,7 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
             else:
                 loss = HeadCrossEntropyFunction.apply(hidden, weight, targets[keep], head_chunk_rows(weight.shape[0]))
         return loss, len(keep), None
-    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)  # logits: (1, N, vocab)
+    outputs = model(**inputs, logits_to_keep=keep)  # logits: (1, N, vocab)
     loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum")
     return loss, len(keep), outputs
 
@@ -288,8 +258,7 @@ def mean_eval_loss(model, examples: Sequence[dict], pad_token_id: int, *, batch_
 
     ``packed``: each batch laid end to end in one row with logits only at trained positions,
     the same numbers at a fraction of the memory (padded batches hold batch x length x vocab
-    logits); it needs a model that isolates packed sequences (packed_sdpa or SDPA with the
-    block-diagonal mask, as in training).
+    logits); only for a model that passed ``packing.check_packing``, as training does.
     """
     if not examples:
         return float("nan")
@@ -301,14 +270,14 @@ def mean_eval_loss(model, examples: Sequence[dict], pad_token_id: int, *, batch_
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
             batch = PackingCollator()(chunk) if packed else chat.pad_batch(chunk, pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 if packed:
                     loss_sum, n, _ = trained_token_loss(model, batch)
                     loss_sum = float(loss_sum)
                 else:
                     n = int((batch["labels"][:, 1:] != chat.IGNORE_INDEX).sum())
-                    loss_sum = float(model(**batch, use_cache=False).loss) * n
+                    loss_sum = float(model(**batch, use_cache=False).loss) * n  # padded: no packing detection needed
             total_loss += loss_sum
             total_tokens += n
     model.train(was_training)

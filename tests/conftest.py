@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import save_tiny_checkpoint
+from tiny import SAMPLE_CONVERSATIONS, save_tiny_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -33,17 +33,7 @@ def tiny_base_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def sample_conversations() -> list[dict]:
-    return [
-        {"messages": [{"role": "user", "content": "What is two plus two?"},
-                      {"role": "assistant", "content": "Two plus two is four."}]},
-        {"messages": [{"role": "system", "content": "You are Lumi."},
-                      {"role": "user", "content": "Hello!"},
-                      {"role": "assistant", "content": "Hello! How are you?"},
-                      {"role": "user", "content": "I am fine."},
-                      {"role": "assistant", "content": "Good, thank you."}]},
-        {"messages": [{"role": "user", "content": "안녕하세요"},
-                      {"role": "assistant", "content": "안녕하세요. 무엇을 도와드릴까요?"}]},
-    ]
+    return [dict(record) for record in SAMPLE_CONVERSATIONS]
 
 
 @pytest.fixture

@@ -208,10 +208,7 @@ def packed_row(vocab: int):
     labels = ids.clone()
     labels[0, [0, 1, 6, 7, 8, 15]] = -100  # prompts: untrained positions
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    from fine_tuning_llms.training import packed_causal_mask
-
-    return {"input_ids": ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": packed_causal_mask(lengths)}
+    return {"input_ids": ids, "labels": labels, "position_ids": position_ids}  # callers choose use_cache
 
 
 def test_fused_head_loss_and_gradients_equal_the_logits_path(tiny_model_dir):

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fine_tuning_llms import chat
-from fine_tuning_llms.training import PackingCollator, PadCollator, packed_causal_mask
+from fine_tuning_llms.packing import PackingCollator
+from fine_tuning_llms.training import PadCollator
 
 CONVS = [
     [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Two plus two is four."}],
@@ -33,11 +34,12 @@ def summed_loss(logits, labels):
     return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum"), int(keep.sum())
 
 
-def test_packed_mask_is_block_diagonal_causal():
-    mask = packed_causal_mask([2, 3])[0, 0]
-    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]],
-                            dtype=torch.bool)
-    assert torch.equal(mask, expected)
+def test_packed_row_has_no_mask_and_no_cache():
+    """transformers builds per-sequence masks itself only without a mask of ours and without a cache."""
+    batch = PackingCollator()([{"input_ids": [5, 6], "labels": [-100, 6]}, {"input_ids": [7, 8, 9], "labels": [7, 8, 9]}])
+    assert "attention_mask" not in batch and batch["use_cache"] is False
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9]]  # no conversation predicts the next one's first token
 
 
 def test_packed_loss_equals_sequences_run_alone(model_and_examples):
@@ -55,14 +57,15 @@ def test_packed_loss_equals_sequences_run_alone(model_and_examples):
     torch.testing.assert_close(p_sum / p_n, alone_sum / alone_n, rtol=1e-4, atol=1e-4)
 
 
-def test_position_ids_alone_would_not_isolate(model_and_examples):
-    """Why the mask matters: without it the second sequence sees the first (the ENVIRONMENT.md trap)."""
+def test_a_cache_would_let_sequences_leak(model_and_examples):
+    """Why use_cache=False matters: with a cache transformers does not look for packed sequences and
+    the second conversation attends to the first (the ENVIRONMENT.md trap)."""
     model, _, examples = model_and_examples
     packed = PackingCollator()(examples)
     labels = packed.pop("labels")
     with torch.no_grad():
         exact, _ = summed_loss(model(**packed).logits, labels)
-        leaky, _ = summed_loss(model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits, labels)
+        leaky, _ = summed_loss(model(**{**packed, "use_cache": True}).logits, labels)
     assert abs(float(exact) - float(leaky)) > 1e-3
 
 

@@ -19,6 +19,20 @@ CORPUS = [
     "0123456789 + - * / = ( ) [ ] { } : ; , . ! ?",
 ] * 4
 
+# Three short conversations (one multi-turn with a system prompt, one Korean): the tests' data.
+SAMPLE_CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "What is two plus two?"},
+                  {"role": "assistant", "content": "Two plus two is four."}]},
+    {"messages": [{"role": "system", "content": "You are Lumi."},
+                  {"role": "user", "content": "Hello!"},
+                  {"role": "assistant", "content": "Hello! How are you?"},
+                  {"role": "user", "content": "I am fine."},
+                  {"role": "assistant", "content": "Good, thank you."}]},
+    {"messages": [{"role": "user", "content": "안녕하세요"},
+                  {"role": "assistant", "content": "안녕하세요. 무엇을 도와드릴까요?"}]},
+]
+
+
 FAMILIES = {
     "chatml": dict(
         bos="<|im_start|>", eos="<|im_end|>", pad="<|im_end|>",  # pad == eos, like SmolLM2
@@ -113,6 +127,56 @@ def save_tiny_checkpoint(folder: Path, *, family: str = "chatml", seed: int = 0,
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+# Model families users bring, each as a tiny random model of its own config class. Sliding
+# windows are set shorter than the test conversations so the windowed layers really differ
+# from full attention (the trap for per-conversation shortcuts).
+FAMILY_MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+}
+# Attention implementations each family runs on CPU (Gemma-2 refuses SDPA: soft-capping).
+FAMILY_ATTENTION = {family: ("eager", "sdpa") for family in FAMILY_MODELS}
+FAMILY_ATTENTION["gemma2"] = ("eager",)
+
+
+def build_family_model(family: str, vocab_size: int, *, seed: int = 0, attn: str | None = None,
+                       special_ids: dict | None = None):
+    import torch
+    import transformers
+
+    config_name, model_name, extra = FAMILY_MODELS[family]
+    # special ids inside the tiny vocabulary (some configs default to ids of their real vocabulary)
+    ids = special_ids or {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, **ids, **extra)
+    if attn is not None:
+        config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config)
+
+
+def save_family_checkpoint(folder: Path, family: str, *, seed: int = 0) -> Path:
+    """A tiny random model of ``family`` with the ChatML test tokenizer (the template is not what
+    differs between architectures)."""
+    tok = build_tokenizer("chatml")
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    model = build_family_model(family, len(tok), seed=seed, special_ids=ids)
+    for name, value in ids.items():
+        setattr(model.generation_config, name, value)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)

@@ -1,0 +1,125 @@
+"""Packing is exact on every model family and attention implementation we support, or not used.
+
+Tiny random models of each family's own config (Llama, Qwen2/3, Mistral, Gemma 1/2/3, Phi-3,
+OLMo-2), each with every attention implementation it runs on CPU: (a) packed loss equals
+one-by-one loss on the training and the held-out paths; (b) 4 float32 training steps with the
+defaults (packing, trained-logits-only, fused kernels) give the same per-step and held-out losses
+as the plain way. Also: the fused kernels touch only the Llama modules whose maths they copy, and
+a packing that leaks is caught by the self-check and replaced by padding.
+"""
+import csv
+import json
+import logging
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fine_tuning_llms import chat, packing
+from fine_tuning_llms.cli import main
+from fine_tuning_llms.kernels import head_for_fused_loss, use_fused_kernels
+from tiny import FAMILY_ATTENTION, FAMILY_MODELS, SAMPLE_CONVERSATIONS, save_family_checkpoint
+
+PAIRS = [(family, attn) for family in FAMILY_MODELS for attn in FAMILY_ATTENTION[family]]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {family: save_family_checkpoint(root / family, family) for family in FAMILY_MODELS}
+
+
+@pytest.fixture(scope="module")
+def examples(family_dirs):
+    tok = AutoTokenizer.from_pretrained(family_dirs["llama"])
+    encoded = [chat.encode_conversation(tok, record["messages"]) for record in SAMPLE_CONVERSATIONS]
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
+
+
+def lora_model(folder, attn):
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn, dtype=torch.float32)
+    # random B (not zeros): the adapters change the outputs, so their kernels are really exercised
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("family,attn", PAIRS)
+def test_packed_loss_equals_one_by_one(family_dirs, examples, family, attn):
+    model = lora_model(family_dirs[family], attn)
+    use_fused_kernels(model)
+    longest = max(len(e["input_ids"]) for e in examples)
+    window = getattr(model.config, "sliding_window", None)
+    assert window is None or longest > window  # the windowed layers really differ from full attention
+    decision = packing.choose_layout(model, examples, enabled=True, fused_head=True, trained_logits_only=True)
+    assert decision.packed, decision.as_dict()
+    check = decision.check
+    assert check.tolerance == 1e-5 and check.rel_diff <= 1e-5
+    assert check.attention == ("packed_sdpa" if attn == "sdpa" else attn)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
+def test_fused_kernels_touch_only_what_they_reproduce(family_dirs, family):
+    model = lora_model(family_dirs[family], FAMILY_ATTENTION[family][-1])
+    use_fused_kernels(model)
+    routed = {type(m).__name__ for m in model.modules() if "forward" in vars(m)}
+    if family == "llama":
+        assert routed == {"LlamaAttention", "LlamaRMSNorm", "Linear"}
+        assert head_for_fused_loss(model) is not None
+    else:
+        # their attention, norms (Gemma's 1 + w, q/k norms) and heads (soft-capping) keep their own code;
+        # only bias-free plain LoRA linears (the same maths in every family) take the LoRA node
+        assert routed <= {"Linear"}
+        assert head_for_fused_loss(model) is None
+
+
+def block_diagonal(position_ids):
+    sequence = (position_ids[0] == 0).cumsum(0)                                        # (T,)
+    same = sequence[:, None] == sequence[None, :]
+    return (same & torch.ones_like(same).tril())[None, None]                           # (1, 1, T, T)
+
+
+LEAKS = {
+    # the collator before issue 17: a boolean block-diagonal 4-D mask, which eager adds instead of applying
+    "bool_4d_mask": lambda batch: {**batch, "attention_mask": block_diagonal(batch["position_ids"])},
+    # positions that do not restart: nothing marks where a conversation ends
+    "positions": lambda batch: {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1])[None]},
+}
+
+
+@pytest.mark.parametrize("attn,leak", [("eager", "bool_4d_mask"), ("sdpa", "positions")])
+def test_a_leaking_packing_fails_the_self_check_and_pads(family_dirs, examples, monkeypatch, caplog, attn, leak):
+    original = packing.PackingCollator.__call__
+    monkeypatch.setattr(packing.PackingCollator, "__call__", lambda self, ex: LEAKS[leak](original(self, ex)))
+    model = lora_model(family_dirs["llama"], attn)
+    with caplog.at_level(logging.WARNING, logger="fine_tuning_llms.packing"):
+        decision = packing.choose_layout(model, examples, enabled=True)
+    assert not decision.packed and decision.check.rel_diff > decision.check.tolerance
+    assert model.get_base_model().config._attn_implementation == attn  # the packed path is switched off again
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1 and "--packing false" in warning[0] and "padded" in warning[0]
+
+
+def run_train(model_dir, data, out, attn, *levers):
+    args = ["--task", "train", "--model", str(model_dir), "--dataset_path", str(data), "--output_dir", str(out),
+            "--dtype", "float32", "--attn_implementation", attn, "--batch_size", "3", "--max_steps", "4",
+            "--logging_steps", "1", "--save_steps", "100", "--lr", "5e-3", "--lora_r", "4", "--eval_ratio", "0.25",
+            "--eval_answers", "0", *levers]
+    assert main(args) == 0
+    with open(out / "training_log.csv", newline="") as fh:
+        step_losses = [float(r["loss"]) for r in csv.DictReader(fh) if r["loss"]]
+    metrics = json.loads((out / "final_model" / "metrics.json").read_text())
+    return step_losses, metrics
+
+
+@pytest.mark.parametrize("family,attn", PAIRS)
+def test_training_with_the_defaults_equals_the_plain_way(family_dirs, family, attn, write_jsonl, tmp_path):
+    data = write_jsonl(SAMPLE_CONVERSATIONS * 4)
+    fast, fast_metrics = run_train(family_dirs[family], data, tmp_path / "fast", attn)
+    plain, plain_metrics = run_train(family_dirs[family], data, tmp_path / "plain", attn, "--packing", "false",
+                                     "--trained_logits_only", "false", "--fused_kernels", "false")
+    assert fast_metrics["batches"]["packed"] and not plain_metrics["batches"]["packed"]
+    assert len(fast) == len(plain) == 4
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-5, atol=0)
+    for key in ("eval_loss_before", "eval_loss_after"):
+        torch.testing.assert_close(fast_metrics[key], plain_metrics[key], rtol=1e-5, atol=0)

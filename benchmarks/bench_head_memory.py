@@ -24,8 +24,8 @@ def child(fused: bool, vocab: int, rows: int, length: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fine_tuning_llms.packed_attention import register_packed_attention
-    from fine_tuning_llms.training import trained_token_loss
+    from fine_tuning_llms.engine.kernels.packed_sdpa import register_packed_attention
+    from fine_tuning_llms.engine.trainer import trained_token_loss
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -62,8 +62,8 @@ def main() -> None:
     print(f"Vocabulary {args.vocab:,}, {args.rows} x {args.length} tokens, all trained; one forward + backward:")
     for kind in ("logits", "fused"):  # each in a fresh process, so each peak is its own
         proc = subprocess.run([sys.executable, __file__, f"--_child={kind}", f"--vocab={args.vocab}",
-                               f"--rows={args.rows}", f"--length={args.length}"], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+                               f"--rows={args.rows}", f"--length={args.length}"], cwd=ROOT, capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
         print(proc.stdout, end="")

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def two_turn_conversations(n: int) -> list[list[dict]]:
-    from fine_tuning_llms.data import load_conversations, sample_dataset_path
+    from fine_tuning_llms.engine.data import load_conversations, sample_dataset_path
 
     pairs = []
     for conv in load_conversations(sample_dataset_path()).conversations:
@@ -40,9 +40,9 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=512)
     args = parser.parse_args()
 
-    from fine_tuning_llms.config import ModelConfig
-    from fine_tuning_llms.data_preprocessing import tokenize_conversations
-    from fine_tuning_llms.models import load_tokenizer
+    from fine_tuning_llms.engine.chat_format import tokenize_conversations
+    from fine_tuning_llms.engine.config import ModelConfig
+    from fine_tuning_llms.engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(model=args.model))
     conversations = two_turn_conversations(args.n)

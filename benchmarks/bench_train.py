@@ -43,23 +43,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-def _default_lora() -> dict:
-    """The toolkit's default LoRA settings, given to both trainers."""
-    from fine_tuning_llms.config import TrainConfig
+def default_lora_config():
+    """The toolkit's default LoRA settings (its one builder), given to both trainers."""
+    from fine_tuning_llms.engine.config import TrainConfig
+    from fine_tuning_llms.engine.lora import lora_config
 
-    t = TrainConfig()
-    return dict(r=t.lora_r, lora_alpha=t.lora_alpha or 2 * t.lora_r, lora_dropout=t.lora_dropout,
-                target_modules=t.target_modules, bias="none", task_type="CAUSAL_LM")
-
-
-LORA = _default_lora()
+    return lora_config(TrainConfig())
 
 
 # ------------------------------------------------------------------ helpers run inside a child process
 
 def child_eval(args) -> dict:
-    from fine_tuning_llms.config import DataConfig
-    from fine_tuning_llms.data import load_train_eval
+    from fine_tuning_llms.engine.config import DataConfig
+    from fine_tuning_llms.engine.data import load_train_eval
 
     eval_convs = load_train_eval(DataConfig(dataset_path=args.dataset_path, max_length=args.max_length)).eval
     return {"eval_loss": _eval_adapter(Path(args._adapter), eval_convs, args.max_length)}
@@ -71,11 +67,11 @@ def _eval_adapter(adapter_dir: Path, eval_convs, max_length) -> float:
     import torch
     from peft import PeftModel
 
-    from fine_tuning_llms.config import ModelConfig
-    from fine_tuning_llms.data_preprocessing import tokenize_conversations
-    from fine_tuning_llms.models import load_model, load_tokenizer
-    from fine_tuning_llms.packed_attention import register_packed_attention
-    from fine_tuning_llms.training import mean_eval_loss
+    from fine_tuning_llms.engine.chat_format import tokenize_conversations
+    from fine_tuning_llms.engine.config import ModelConfig
+    from fine_tuning_llms.engine.kernels.packed_sdpa import register_packed_attention
+    from fine_tuning_llms.engine.models import load_model, load_tokenizer
+    from fine_tuning_llms.engine.trainer import mean_eval_loss
 
     tokenizer = load_tokenizer(ModelConfig())
     model = PeftModel.from_pretrained(load_model(ModelConfig(dtype="float32")), str(adapter_dir))
@@ -159,7 +155,7 @@ def step_breakdown_callback(first_step: int = 3, steps: int = 5):
 
 
 def child_toolkit(args, out: Path) -> dict:
-    from fine_tuning_llms.config import Config
+    from fine_tuning_llms.engine.config import Config
     from fine_tuning_llms.fine_tuning import run
 
     cfg = Config()
@@ -167,7 +163,7 @@ def child_toolkit(args, out: Path) -> dict:
     cfg.data.dataset_path, cfg.data.max_length = args.dataset_path, args.max_length
     t = cfg.train
     t.epochs, t.max_steps, t.batch_size, t.lr, t.seed = args.epochs, args.max_steps, args.batch_size, args.lr, args.seed
-    t.lora_r, t.lora_alpha, t.lora_dropout = LORA["r"], LORA["lora_alpha"], LORA["lora_dropout"]
+    # LoRA: the TrainConfig defaults, the same ones default_lora_config() gives TRL
     t.eval_answers, t.save_steps, t.logging_steps = 0, 10**6, 10
     t.packing = not args.no_packing
     t.trained_logits_only = not args.no_trained_logits
@@ -206,12 +202,11 @@ def child_toolkit(args, out: Path) -> dict:
 def child_trl(args, out: Path) -> dict:
     import datasets
     import torch
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from fine_tuning_llms.config import DataConfig, ModelConfig
-    from fine_tuning_llms.data import load_train_eval
-    from fine_tuning_llms.models import load_model, load_tokenizer
+    from fine_tuning_llms.engine.config import DataConfig, ModelConfig
+    from fine_tuning_llms.engine.data import load_train_eval
+    from fine_tuning_llms.engine.models import load_model, load_tokenizer
 
     data = load_train_eval(DataConfig(dataset_path=args.dataset_path, max_length=args.max_length))
     tokenizer = load_tokenizer(ModelConfig())
@@ -222,7 +217,7 @@ def child_trl(args, out: Path) -> dict:
                          seed=args.seed, max_length=args.max_length, report_to="none", save_strategy="no",
                          logging_steps=10, use_cpu=not torch.cuda.is_available())
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, processing_class=tokenizer,
-                         peft_config=LoraConfig(**LORA))
+                         peft_config=default_lora_config())
     counted = {"tokens": 0}
     collate = trainer.data_collator
 
@@ -250,14 +245,14 @@ def child_ceiling(args) -> dict:
     norms, activations, loss, optimizer, casts and Python are taken as free. FLOPs are counted as
     for the runs (``_flops_per_token``)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    from fine_tuning_llms.config import Config, ModelConfig
-    from fine_tuning_llms.data import load_train_eval
-    from fine_tuning_llms.data_preprocessing import tokenize_conversations
-    from fine_tuning_llms.kernels import PackedWeight, weight_packing_available
-    from fine_tuning_llms.models import load_model, load_tokenizer
+    from fine_tuning_llms.engine.chat_format import tokenize_conversations
+    from fine_tuning_llms.engine.config import Config, ModelConfig
+    from fine_tuning_llms.engine.data import load_train_eval
+    from fine_tuning_llms.engine.kernels import PackedWeight, weight_packing_available
+    from fine_tuning_llms.engine.models import load_model, load_tokenizer
 
     cfg = Config()
     cfg.data.dataset_path, cfg.data.max_length = args.dataset_path, args.max_length
@@ -272,8 +267,10 @@ def child_ceiling(args) -> dict:
     rows = [sum(len(e["input_ids"]) for e in batch) for batch in steps]
     trained = [sum(label != -100 for e in batch for label in e["labels"]) for batch in steps]
 
-    dtype = torch.float32 if args.fp32 or not torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.bfloat16
-    model = get_peft_model(load_model(ModelConfig(dtype="float32")), LoraConfig(**LORA))
+    from fine_tuning_llms.engine.precision import cpu_supports_bf16
+
+    dtype = torch.float32 if args.fp32 or not cpu_supports_bf16() else torch.bfloat16
+    model = get_peft_model(load_model(ModelConfig(dtype="float32")), default_lora_config())
     packed = weight_packing_available(dtype)
     flops = _flops_per_token(model)
     layers = []
@@ -319,10 +316,10 @@ def child_load(out: Path) -> dict:
     import transformers
     from transformers.models.llama import configuration_llama, modeling_llama  # noqa: F401
 
-    from fine_tuning_llms.config import ModelConfig
-    from fine_tuning_llms.models import load_model, load_tokenizer, resolve_model
+    from fine_tuning_llms.engine.config import ModelConfig
+    from fine_tuning_llms.engine.models import load_model, load_tokenizer, resolve_model
 
-    transformers.AutoTokenizer, transformers.AutoModelForCausalLM  # resolve the lazy modules
+    _ = transformers.AutoTokenizer, transformers.AutoModelForCausalLM  # resolve the lazy modules
     imports = time.perf_counter() - start
     start = time.perf_counter()
     source = resolve_model(ModelConfig().model)
@@ -339,16 +336,16 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0) -> float:
     in fp32 it is faster than torch.mm here; a peak lower than what training uses flatters MFU)."""
     import torch
 
-    from fine_tuning_llms.kernels import PackedWeight, weight_packing_available
+    from fine_tuning_llms.engine.kernels import PackedWeight, weight_packing_available
 
     dtype = getattr(torch, dtype_name)
     best = 0.0
     for n in (1024, 2048):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        kernels = [lambda: a @ b]
+        kernels = [lambda a=a, b=b: a @ b]
         if weight_packing_available(dtype):
             packed = PackedWeight(b.t())  # computes a @ b too
-            kernels.append(lambda: packed.forward(a))
+            kernels.append(lambda a=a, packed=packed: packed.forward(a))
         for kernel in kernels:
             kernel()
             reps, start = 0, time.perf_counter()
@@ -434,7 +431,7 @@ def main() -> None:
     if args.dataset_path:
         common.append(f"--dataset_path={args.dataset_path}")
     print(f"Work: {args.dataset_path or 'sample dataset'}, epochs {args.epochs}, max_steps {args.max_steps}, "
-          f"batch {args.batch_size}, max_length {args.max_length}, lr {args.lr}, LoRA {LORA}")
+          f"batch {args.batch_size}, max_length {args.max_length}, lr {args.lr}, LoRA {default_lora_config()!r}")
 
     if not args.skip_load:
         with tempfile.TemporaryDirectory() as cache:
@@ -443,9 +440,10 @@ def main() -> None:
         print(f"Embedded model load (tokenizer + model, fresh process): cold (GGUF conversion) {cold['seconds']:.1f} s, "
               f"warm {warm['seconds']:.2f} s; plus one-time Python imports {warm['imports']:.1f} s")
 
-    import torch
 
-    bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    from fine_tuning_llms.engine.precision import cpu_supports_bf16
+
+    bf16 = cpu_supports_bf16()
 
     def measure_peaks() -> dict:
         return {"bfloat16": matmul_peak("bfloat16") if bf16 else None, "float32": matmul_peak("float32")}

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional, TextIO
+from typing import TextIO
 
-from .adapters import load_model_with_adapter
-from .chat import generation_prompt_ids, require_chat_template
-from .config import Config
-from .generation import GenerationResult, generate_batch, stop_token_ids
-from .models import load_model, load_tokenizer, resolve_model
+from .engine.adapters import load_model_with_adapter
+from .engine.chat_format import generation_prompt_ids, require_chat_template
+from .engine.config import Config
+from .engine.generation import GenerationResult, generate_batch, stop_token_ids
+from .engine.models import load_model, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def load_chat_model(cfg: Config):
     return load_model(cfg.model, source), load_tokenizer(cfg.model, source)
 
 
-def answer(model, tokenizer, messages: list[dict], cfg: Config, stop_ids: Optional[list[int]] = None) -> GenerationResult:
+def answer(model, tokenizer, messages: list[dict], cfg: Config, stop_ids: list[int] | None = None) -> GenerationResult:
     """One assistant reply to ``messages`` (rendered with the chat template)."""
     prompt = generation_prompt_ids(tokenizer, messages)
     return generate_batch(model, tokenizer, [prompt], max_new_tokens=cfg.compare.max_new_tokens,
@@ -73,7 +73,7 @@ def chat_loop(model, tokenizer, cfg: Config, *, stdin: TextIO, stdout: TextIO) -
     return messages
 
 
-def run(cfg: Config, *, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> dict:
+def run(cfg: Config, *, stdin: TextIO | None = None, stdout: TextIO | None = None) -> dict:
     """One-shot answer to --prompt, or an interactive chat on stdin."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model, tokenizer = load_chat_model(cfg)

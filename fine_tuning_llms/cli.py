@@ -14,14 +14,15 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import MISSING
 from pathlib import Path
-from typing import Optional, Sequence, get_args, get_origin
+from typing import Optional, get_args, get_origin
 
 import yaml
 
-from .config import TASKS_IN_ORDER, Config, group_fields
-from .errors import UserError
+from .engine.config import TASKS_IN_ORDER, Config, group_fields
+from .engine.errors import UserError
 
 log = logging.getLogger("fine_tuning_llms")
 

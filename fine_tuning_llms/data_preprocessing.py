@@ -9,91 +9,23 @@ tokens highlighted (green, or ⟦ ⟧ without colour).
 from __future__ import annotations
 
 import logging
-import statistics
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
-from tqdm.auto import tqdm
-
-from . import chat
-from .artefacts import atomic_write_json
-from .checks import check_max_length
-from .config import Config
-from .data import Conversation, load_train_eval
-from .models import load_tokenizer
+from .engine import chat_format, display
+from .engine.artefacts import atomic_write_json
+from .engine.chat_format import ProcessedData, tokenize_conversations
+from .engine.checks import check_max_length
+from .engine.config import Config
+from .engine.data import load_train_eval
+from .engine.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 OUTPUT_FILE = "processed_conversations.json"
-CHUNK = 256  # conversations per batched tokenizer call
-
-
-@dataclass
-class ProcessedData:
-    examples: list[dict]                  # {"input_ids", "labels", "text", "truncated"}
-    kept: int = 0
-    dropped: int = 0
-    truncated: int = 0
-    template_warnings: int = 0
-    lengths: list[int] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        total_tokens = sum(self.lengths)
-        trained = sum(sum(l != chat.IGNORE_INDEX for l in e["labels"]) for e in self.examples)
-        return {
-            "examples_kept": self.kept,
-            "examples_dropped_too_long": self.dropped,
-            "examples_truncated": self.truncated,
-            "total_tokens": total_tokens,
-            "trained_tokens": trained,
-            "share_of_tokens_trained": round(trained / total_tokens, 4) if total_tokens else 0.0,
-            "length_percentiles": percentiles(self.lengths),
-            "template_prefix_mismatches": self.template_warnings,
-        }
-
-
-def percentiles(values: Sequence[int]) -> dict:
-    if not values:
-        return {}
-    ordered = sorted(values)
-
-    def pick(q: float) -> int:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-    return {"min": ordered[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1],
-            "mean": round(statistics.fmean(ordered), 1)}
-
-
-def tokenize_conversations(tokenizer, conversations: Sequence[Conversation], *, max_length: Optional[int],
-                           train_on: str = "all", desc: str = "Tokenizing", progress: bool = True) -> ProcessedData:
-    """Template, tokenize and label conversations in chunks (batched fast-tokenizer calls)."""
-    chat.require_chat_template(tokenizer)
-    report = chat.TemplateReport()
-    out = ProcessedData(examples=[])
-    bar = tqdm(total=len(conversations), desc=desc, unit="conv", disable=not progress or len(conversations) < 500)
-    for start in range(0, len(conversations), CHUNK):
-        batch = conversations[start:start + CHUNK]
-        for encoded in chat.encode_many(tokenizer, batch, max_length=max_length, train_on=train_on, report=report):
-            if encoded is None:
-                out.dropped += 1
-                continue
-            out.kept += 1
-            out.truncated += int(encoded.truncated)
-            out.lengths.append(len(encoded.input_ids))
-            out.examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels,
-                                 "text": encoded.text, "truncated": encoded.truncated})
-        bar.update(len(batch))
-    bar.close()
-    report.warn_once(tokenizer)
-    out.template_warnings = report.prefix_mismatches
-    return out
-
-
 def template_facts(tokenizer) -> dict:
     """What the template does on its own: default system prompt, BOS, end-of-turn text."""
     probe = [{"role": "user", "content": "PROBE"}]
-    rendered = chat.render(tokenizer, probe)
-    with_answer = chat.render(tokenizer, probe + [{"role": "assistant", "content": "ANSWER"}])
+    rendered = chat_format.render(tokenizer, probe)
+    with_answer = chat_format.render(tokenizer, probe + [{"role": "assistant", "content": "ANSWER"}])
     injected = rendered.split("PROBE")[0]
     after_answer = with_answer.split("ANSWER", 1)[1]
     return {
@@ -107,7 +39,7 @@ def template_facts(tokenizer) -> dict:
 
 def run(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model)
-    chat.require_chat_template(tokenizer, cfg.model.model)
+    chat_format.require_chat_template(tokenizer, cfg.model.model)
     check_max_length(tokenizer, cfg.data.max_length)
     data = load_train_eval(cfg.data)
     convs = data.train.conversations
@@ -124,7 +56,7 @@ def run(cfg: Config) -> dict:
                    skipped_invalid=dict(data.train.skipped), max_length=cfg.data.max_length,
                    train_on=cfg.data.train_on, template=facts, model=cfg.model.model)
     if not processed.examples:
-        from .errors import UserError
+        from .engine.errors import UserError
         raise UserError(f"every conversation is longer than --max_length {cfg.data.max_length} before its first "
                         "assistant token; raise --max_length")
     show_examples(tokenizer, processed, n=2)
@@ -132,7 +64,7 @@ def run(cfg: Config) -> dict:
     out_dir = cfg.run.output_dir
     path = atomic_write_json(f"{out_dir}/{OUTPUT_FILE}", {"summary": summary, "examples": processed.examples},
                              indent=None)
-    from .plots import histogram
+    from .engine.plots import histogram
     histogram(f"{out_dir}/token_lengths.png", processed.lengths, title="Tokens per conversation (after template)",
               xlabel="tokens", vline=cfg.data.max_length, vline_label="--max_length")
     log.info("Wrote %s and token_lengths.png", path)
@@ -141,13 +73,13 @@ def run(cfg: Config) -> dict:
 
 def show_examples(tokenizer, processed: ProcessedData, *, n: int = 2) -> None:
     # Multi-turn examples first: they show that every reply, and only replies, is trained.
-    order = sorted(range(len(processed.examples)), key=lambda i: -len(chat.trained_spans(processed.examples[i]["labels"])))
-    legend = "green = trained" if chat.use_colour() else "⟦…⟧ = trained"
+    order = sorted(range(len(processed.examples)), key=lambda i: -len(chat_format.trained_spans(processed.examples[i]["labels"])))
+    legend = "green = trained" if display.use_colour() else "⟦…⟧ = trained"
     for i in sorted(order[:n]):
         e = processed.examples[i]
-        enc = chat.EncodedConversation(input_ids=e["input_ids"], labels=e["labels"], text=e["text"])
+        enc = chat_format.EncodedConversation(input_ids=e["input_ids"], labels=e["labels"], text=e["text"])
         log.info("--- example %d: %d tokens, %d trained (%s) ---\n%s", i, len(enc.input_ids), enc.trained_token_count,
-                 legend, chat.mask_view(tokenizer, enc))
+                 legend, display.mask_view(tokenizer, enc))
 
 
 def log_summary(summary: dict) -> None:

@@ -9,25 +9,32 @@ held-out loss and answers *after* → final_model/ (adapter, tokenizer, config, 
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from . import chat
-from .artefacts import atomic_directory, atomic_write_json, package_versions
-from .checks import check_max_length
-from .config import Config, format_settings
-from .data import load_train_eval
-from .data_preprocessing import tokenize_conversations
-from .errors import UserError
-from .models import count_parameters, load_model, load_tokenizer, pick_device, resolve_model
-from .packing import PackingCollator, choose_layout
-from .training import (ChatTrainer, CompleteCheckpointCallback, ExampleDataset, NonFiniteLossError, PadCollator,
-                       TrainingLogCallback, complete_checkpoints, cpu_supports_bf16, mean_eval_loss, perplexity)
+from .engine import chat_format
+from .engine.artefacts import atomic_directory, atomic_write_json, package_versions
+from .engine.batching import ExampleDataset, PackingCollator, PadCollator, choose_layout
+from .engine.chat_format import tokenize_conversations
+from .engine.checks import check_max_length
+from .engine.config import Config, format_settings
+from .engine.data import load_train_eval
+from .engine.errors import UserError
+from .engine.lora import prepare_peft_model
+from .engine.models import count_parameters, load_model, load_tokenizer, pick_device, resolve_model
+from .engine.precision import autocast_dtype, mixed_precision, training_model_config
+from .engine.trainer import (
+    ChatTrainer,
+    CompleteCheckpointCallback,
+    NonFiniteLossError,
+    TrainingLogCallback,
+    complete_checkpoints,
+    mean_eval_loss,
+    perplexity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ def check_output_dir(cfg: Config) -> Path:
     return out
 
 
-def resolve_resume(cfg: Config, checkpoints_dir: Path) -> Optional[str]:
+def resolve_resume(cfg: Config, checkpoints_dir: Path) -> str | None:
     option = cfg.train.resume_from_checkpoint
     if not option:
         return None
@@ -62,38 +69,6 @@ def resolve_resume(cfg: Config, checkpoints_dir: Path) -> Optional[str]:
     return str(path)
 
 
-def lora_config(cfg: Config, extra: Optional[dict] = None):
-    from peft import LoraConfig
-
-    t = cfg.train
-    targets = "all-linear" if t.target_modules == "all-linear" else [m.strip() for m in t.target_modules.split(",") if m.strip()]
-    return LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha or 2 * t.lora_r, lora_dropout=t.lora_dropout,
-                      target_modules=targets, use_dora=t.use_dora, use_rslora=t.use_rslora, bias="none",
-                      task_type="CAUSAL_LM", **(extra or {}))
-
-
-def prepare_peft_model(cfg: Config, model, tokenizer):
-    """Optional new tokens, k-bit preparation, then LoRA. Returns (peft model, new token ids)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    new_ids: list[int] = []
-    extra: dict = {}
-    if cfg.train.new_tokens:
-        from .special_tokens import add_special_tokens, lora_kwargs_for_new_tokens
-        new_ids = add_special_tokens(model, tokenizer, cfg.train.new_tokens)
-        extra = lora_kwargs_for_new_tokens(new_ids, model=model) if new_ids else {}
-        log.info("Added %d new token(s) %s; their embedding rows are trained.", len(new_ids), cfg.train.new_tokens)
-    if cfg.model.load_8bit or cfg.model.load_4bit:
-        # Casts norms to fp32 and enables input grads so LoRA trains through frozen k-bit layers.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    try:
-        peft_model = get_peft_model(model, lora_config(cfg, extra))
-    except ValueError as exc:
-        raise UserError(f"--target_modules {cfg.train.target_modules}: {str(exc).splitlines()[0][:160]}; use "
-                        "all-linear or names such as q_proj,v_proj") from None
-    return peft_model, new_ids
-
-
 def answer_prompts(eval_convs: list[list[dict]], limit: int) -> list[tuple[list[dict], str]]:
     """(prompt messages, reference reply) for held-out conversations: everything before the last reply."""
     pairs = []
@@ -104,37 +79,20 @@ def answer_prompts(eval_convs: list[list[dict]], limit: int) -> list[tuple[list[
 
 
 def generate_answers(model, tokenizer, pairs, *, label: str) -> list[str]:
-    from .generation import generate_batch
+    from .engine.generation import generate_batch
 
-    prompts = [chat.generation_prompt_ids(tokenizer, msgs) for msgs, _ in pairs]
+    prompts = [chat_format.generation_prompt_ids(tokenizer, msgs) for msgs, _ in pairs]
     model.eval()
     results = generate_batch(model, tokenizer, prompts, max_new_tokens=ANSWER_TOKENS, batch_size=20,
                              progress=f"Answers {label}")
     return [r.text.strip() for r in results]
 
 
-def behaviour_rate(answers: list[str]) -> Optional[float]:
+def behaviour_rate(answers: list[str]) -> float | None:
     """Share of answers that carry the sample dataset's sign-off (what fine-tuning should add)."""
     if not answers:
         return None
     return sum(SIGN_OFF in a or "Lumi" in a for a in answers) / len(answers)
-
-
-def bf16_compute_available(device: torch.device) -> bool:
-    return cpu_supports_bf16() if device.type == "cpu" else torch.cuda.is_bf16_supported()
-
-
-def training_model_config(cfg: Config, device: torch.device):
-    """The base model's settings for training.
-
-    With --dtype auto and bf16 compute available, the *frozen* base weights are loaded in
-    bf16: autocast would cast them to bf16 for every matmul anyway, so this saves that copy
-    each step (~15% on this CPU) and half the memory. LoRA weights and optimizer state stay
-    fp32 (PEFT keeps adapters in fp32).
-    """
-    if cfg.model.dtype == "auto" and bf16_compute_available(device):
-        return dataclasses.replace(cfg.model, dtype="bfloat16")
-    return cfg.model
 
 
 def training_arguments(cfg: Config, checkpoints_dir: Path, device: torch.device, *, has_eval: bool):
@@ -142,10 +100,7 @@ def training_arguments(cfg: Config, checkpoints_dir: Path, device: torch.device,
 
     t = cfg.train
     on_cpu = device.type == "cpu"
-    # bf16 autocast: ~2x faster matmuls on CPUs with AVX512-BF16/AMX; LoRA weights and optimizer
-    # state stay fp32 (autocast only changes the compute dtype).
-    bf16 = bf16_compute_available(device) and cfg.model.dtype != "float32"
-    fp16 = not on_cpu and not bf16 and cfg.model.dtype in ("auto", "float16")
+    bf16, fp16 = mixed_precision(cfg.model, device)
     return TrainingArguments(
         output_dir=str(checkpoints_dir),
         per_device_train_batch_size=t.batch_size,
@@ -189,10 +144,10 @@ def run(cfg: Config) -> dict:
     set_seed(cfg.train.seed)
     source = resolve_model(cfg.model.model)
     tokenizer = load_tokenizer(cfg.model, source)
-    chat.require_chat_template(tokenizer, cfg.model.model)
+    chat_format.require_chat_template(tokenizer, cfg.model.model)
     check_max_length(tokenizer, cfg.data.max_length)  # fail in a second, before loading weights
     device = pick_device(cfg.model.device)
-    model = load_model(training_model_config(cfg, device), source)
+    model = load_model(training_model_config(cfg.model, device), source)
 
     data = load_train_eval(cfg.data)
     train_set = tokenize_conversations(tokenizer, data.train.conversations, max_length=cfg.data.max_length,
@@ -206,7 +161,7 @@ def run(cfg: Config) -> dict:
 
     model, new_ids = prepare_peft_model(cfg, model, tokenizer)
     if cfg.train.fused_kernels:
-        from .kernels import use_fused_kernels
+        from .engine.kernels import use_fused_kernels
         log.info("Fused kernels: %d LoRA/attention/RMSNorm layers (and the vocabulary head with the loss) train "
                  "through one autograd node each", use_fused_kernels(model))
     trainable, total = count_parameters(model)
@@ -214,7 +169,7 @@ def run(cfg: Config) -> dict:
     log.info("Resolved settings:\n%s", format_settings(cfg))
 
     args = training_arguments(cfg, checkpoints_dir, device, has_eval=bool(eval_set.examples))
-    autocast = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
+    autocast = autocast_dtype(args.bf16, args.fp16)
     pad_id = tokenizer.pad_token_id
     pairs = answer_prompts(data.eval, cfg.train.eval_answers)
     is_main = args.process_index == 0
@@ -251,7 +206,7 @@ def run(cfg: Config) -> dict:
         raise
     finally:
         if cfg.train.fused_kernels:
-            from .kernels import release_packed_weights
+            from .engine.kernels import release_packed_weights
             release_packed_weights(model)  # the training-only weight copies: eval and generation do not use them
     seconds = time.perf_counter() - start
     training_seconds = max(seconds - trainer.eval_seconds, 0.0)
@@ -288,12 +243,12 @@ def run(cfg: Config) -> dict:
     print_before_after(metrics, comparisons)
     result = {"final_model": str(final), "metrics": metrics}
     if cfg.train.merge:
-        from .merging import merge_adapter
+        from .engine.merging import merge_adapter
         result["merged_model"] = str(merge_adapter(cfg, final, out / "final_model_merged"))
     return result
 
 
-def save_adapter(model, tokenizer, target: Path, cfg: Config, *, metrics: dict, comparisons: Optional[list] = None,
+def save_adapter(model, tokenizer, target: Path, cfg: Config, *, metrics: dict, comparisons: list | None = None,
                  overwrite: bool = False) -> Path:
     """Adapter + tokenizer (with its chat template) + run config + versions + metrics, atomically."""
     try:
@@ -313,7 +268,7 @@ def save_adapter(model, tokenizer, target: Path, cfg: Config, *, metrics: dict, 
 
 
 def write_loss_curve(out: Path, rows: list[dict]) -> None:
-    from .plots import line_plot
+    from .engine.plots import line_plot
 
     def series(key):
         pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]

@@ -29,15 +29,14 @@ import time
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
-from .adapters import check_adapter_dir, is_adapter_dir, load_model_with_adapter
-from .artefacts import atomic_write_csv, atomic_write_json, package_versions
-from .chat import generation_prompt_ids, require_chat_template
-from .config import Config, ModelConfig
-from .errors import UserError
-from .generation import GenerationResult, generate_batch
-from .models import load_model, load_tokenizer, resolve_model
+from .engine.adapters import check_adapter_dir, is_adapter_dir, load_model_with_adapter
+from .engine.artefacts import atomic_write_csv, atomic_write_json, package_versions
+from .engine.chat_format import generation_prompt_ids, require_chat_template
+from .engine.config import Config, ModelConfig
+from .engine.errors import UserError
+from .engine.generation import GenerationResult, generate_batch
+from .engine.models import load_model, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,8 @@ OFFLINE_NOTE = ("No --base_model was given, and no base (non-instruct) checkpoin
 @dataclass
 class Question:
     text: str
-    category: Optional[str] = None
-    language: Optional[str] = None
+    category: str | None = None
+    language: str | None = None
 
 
 @dataclass
@@ -72,7 +71,7 @@ class ModelPlan:
 
     name: str                                   # the CSV 'model' column
     model_cfg: ModelConfig
-    adapter: Optional[Path] = None
+    adapter: Path | None = None
     roles: list[tuple[str, str]] = field(default_factory=list)
     flag: str = "--model"                       # named in errors about this model
 
@@ -91,7 +90,7 @@ def _question_from_json(item, where: str) -> Question:
     raise UserError(f"{where}: expected a non-empty string or an object with a \"question\" string")
 
 
-def load_questions(path: Optional[str | Path] = None) -> list[Question]:
+def load_questions(path: str | Path | None = None) -> list[Question]:
     """Questions from a .txt file (one per line, # comments) or a .json list; default: the built-in set."""
     p = Path(path) if path else default_questions_path()
     flag = f"--questions {path}" if path else f"built-in questions {p}"
@@ -121,7 +120,7 @@ def load_questions(path: Optional[str | Path] = None) -> list[Question]:
 
 # ---------------------------------------------------------------- what to compare
 
-def default_adapter(cfg: Config) -> Optional[Path]:
+def default_adapter(cfg: Config) -> Path | None:
     """--adapter, else <output_dir>/final_model when train left an adapter there."""
     if cfg.compare.adapter:
         return check_adapter_dir(cfg.compare.adapter)
@@ -132,7 +131,7 @@ def default_adapter(cfg: Config) -> Optional[Path]:
     return None
 
 
-def plan_models(cfg: Config) -> tuple[list[ModelPlan], Optional[str]]:
+def plan_models(cfg: Config) -> tuple[list[ModelPlan], str | None]:
     """The models to load, their columns, and the offline note when there is no base model."""
     instruct = cfg.compare.instruct_model or cfg.model.model
     instruct_flag = "--instruct_model" if cfg.compare.instruct_model else "--model"
@@ -173,13 +172,13 @@ def plain_prompt_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(PLAIN_PROMPT.format(question=question))["input_ids"]
 
 
-def chat_prompt_ids(tokenizer, question: str, system_prompt: Optional[str] = None) -> list[int]:
+def chat_prompt_ids(tokenizer, question: str, system_prompt: str | None = None) -> list[int]:
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
     return generation_prompt_ids(tokenizer, messages + [{"role": "user", "content": question}])
 
 
 def build_prompts(tokenizer, questions: list[Question], prompt_format: str,
-                  system_prompt: Optional[str] = None) -> list[list[int]]:
+                  system_prompt: str | None = None) -> list[list[int]]:
     if prompt_format == FORMAT_PLAIN:
         return [plain_prompt_ids(tokenizer, q.text) for q in questions]
     return [chat_prompt_ids(tokenizer, q.text, system_prompt) for q in questions]
@@ -256,7 +255,7 @@ def _one_line(text: str, limit: int = 160) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def log_summary(stats: list[dict], table: list[dict], note: Optional[str]) -> None:
+def log_summary(stats: list[dict], table: list[dict], note: str | None) -> None:
     if note:
         log.info("NOTE: %s", note)
     width = max(len(s["role"]) for s in stats)

@@ -16,15 +16,16 @@ import html
 import json
 import logging
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
 
-from .artefacts import atomic_write_text
-from .chat import IGNORE_INDEX, trained_spans
-from .config import EMBEDDED_MODEL, Config
-from .errors import UserError
+from .engine.artefacts import atomic_write_text
+from .engine.chat_format import IGNORE_INDEX, trained_spans
+from .engine.config import EMBEDDED_MODEL, Config
+from .engine.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Html(str):
 class Section:
     id: str
     title: str
-    task: Optional[str]  # None: always shown (overview, not-run list)
+    task: str | None  # None: always shown (overview, not-run list)
     body: str
     ran: bool = True
 
@@ -116,7 +117,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> Html:
     return Html(f'<div class="tw"><table><tr>{head}</tr>{body}</table></div>')  # wide tables scroll, not the page
 
 
-def key_values(mapping: dict, keys: Optional[Sequence[str]] = None) -> Html:
+def key_values(mapping: dict, keys: Sequence[str] | None = None) -> Html:
     keys = [k for k in (keys or list(mapping)) if k in mapping]
     return table(["key / 항목", "value / 값"], [(k, mapping[k]) for k in keys])
 
@@ -133,7 +134,7 @@ def image(folder: Path, name: str, alt: str) -> str:
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
 
 
-def read_json(path: Path, *, quiet: bool = False) -> Optional[Any]:
+def read_json(path: Path, *, quiet: bool = False) -> Any | None:
     """The parsed file, None when missing. quiet: None when unreadable too (its own section shows the error)."""
     if not path.is_file():
         return None
@@ -305,7 +306,7 @@ def local_tokenizer(spec: str):
     already; None otherwise: the report never downloads or converts (the embedded GGUF takes ~20 s)."""
     from tokenizers import Tokenizer
 
-    from . import models
+    from .engine import models
 
     path = Path(spec).expanduser()
     if spec == EMBEDDED_MODEL:
@@ -319,7 +320,7 @@ def local_tokenizer(spec: str):
     return Tokenizer.from_file(str(file)) if file is not None and file.is_file() else None
 
 
-def token_pieces(example: dict, tokenizer) -> Optional[list[str]]:
+def token_pieces(example: dict, tokenizer) -> list[str] | None:
     """One display string per input id: stored "tokens", else slices of the text, else decoded ids."""
     ids = example.get("input_ids") or []
     if isinstance(example.get("tokens"), list) and len(example["tokens"]) == len(ids):
@@ -437,7 +438,7 @@ def trainer_vs_manual_body(folder: Path) -> str:
 
 
 # (html id, bilingual heading, task whose files feed it, body builder), in page order
-SECTION_BUILDERS: list[tuple[str, str, Optional[str], Callable[[Path], str]]] = [
+SECTION_BUILDERS: list[tuple[str, str, str | None, Callable[[Path], str]]] = [
     ("overview", "개요 / Overview", None, overview_body),
     ("comparison", "모델 비교 / Model comparison", "compare", comparison_body),
     ("special-tokens", "특수 토큰 / Special tokens", "special_tokens", special_tokens_body),
@@ -451,7 +452,7 @@ def task_ran(folder: Path, task: str) -> bool:
     return any((folder / name).is_file() for name in TASK_FILES[task])
 
 
-def build_section(folder: Path, sid: str, title: str, task: Optional[str], builder: Callable[[Path], str]) -> Section:
+def build_section(folder: Path, sid: str, title: str, task: str | None, builder: Callable[[Path], str]) -> Section:
     if task is not None and not task_ran(folder, task):
         return Section(sid, title, task, not_run(task, folder), ran=False)
     try:
@@ -489,7 +490,7 @@ def build_report(output_dir: str | Path) -> Path:
     return atomic_write_text(folder / REPORT_NAME, page)
 
 
-def refresh_report(output_dir: str | Path) -> Optional[Path]:
+def refresh_report(output_dir: str | Path) -> Path | None:
     """Rebuild report.html at the end of a task; a report problem must never fail the task."""
     try:
         return build_report(output_dir)

@@ -25,16 +25,23 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
-from .artefacts import atomic_directory, atomic_write_csv, atomic_write_json
-from .chat import encode_conversation, pad_batch, render, require_chat_template
-from .config import Config, ModelConfig
-from .errors import UserError
-from .models import load_model, load_tokenizer, resolve_model
+from .engine.artefacts import atomic_directory, atomic_write_csv, atomic_write_json
+from .engine.chat_format import encode_conversation, render, require_chat_template
+from .engine.config import Config, ModelConfig
+from .engine.lora import (
+    add_special_tokens,
+    check_new_tokens,
+    is_single_special_token,
+    lora_config,
+    lora_kwargs_for_new_tokens,
+)
+from .engine.manual_loop import LoopSettings, train_manually
+from .engine.models import load_model, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -143,91 +150,6 @@ def pieces(tokenizer, text: str) -> list[str]:
     return [tokenizer.decode([i]) for i in ids]
 
 
-def _check_tokens(tokens: Sequence[str]) -> list[str]:
-    clean = []
-    for token in tokens:
-        if not isinstance(token, str) or not token.strip():
-            raise UserError(f"--new_tokens: {token!r} is empty; pass visible strings such as '<|user|>'")
-        if token.strip() != token:
-            raise UserError(f"--new_tokens: {token!r} has surrounding spaces; remove them")
-        clean.append(token)
-    return list(dict.fromkeys(clean))
-
-
-def _is_single_special(tokenizer, token: str) -> bool:
-    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
-    decoder = tokenizer.added_tokens_decoder
-    return len(ids) == 1 and ids[0] in decoder and decoder[ids[0]].special and decoder[ids[0]].content == token
-
-
-def add_special_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
-    """Add ``tokens`` as special tokens, grow the embeddings, initialise new rows to the mean row.
-
-    Returns the id of every requested token, in order. Tokens that already are one special
-    token keep their id and their trained rows (no-op). Output heads that are not tied to the
-    input embeddings get mean-initialised rows too.
-    """
-    tokens = _check_tokens(tokens)
-    old_len = len(tokenizer)
-    todo = [t for t in tokens if not _is_single_special(tokenizer, t)]
-    if todo:
-        # replace_extra_special_tokens=False keeps the special tokens the tokenizer already lists
-        tokenizer.add_special_tokens({"additional_special_tokens": todo}, replace_extra_special_tokens=False)
-    ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in tokens]
-    fresh = sorted({i for i in ids if i >= old_len})
-    if not fresh:
-        return ids
-    embeddings = model.get_input_embeddings()
-    mean_in = embeddings.weight.detach()[:old_len].float().mean(dim=0)
-    output = model.get_output_embeddings()
-    tied = output is not None and output.weight is embeddings.weight
-    mean_out = None if output is None or tied else output.weight.detach()[:old_len].float().mean(dim=0)
-    if len(tokenizer) > embeddings.weight.shape[0]:
-        # mean_resizing=False: transformers would otherwise sample rows around the mean; we want the mean itself
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    index = torch.tensor(fresh)
-    with torch.no_grad():
-        weight = model.get_input_embeddings().weight
-        weight[index] = mean_in.to(weight.dtype)
-        if mean_out is not None:
-            head = model.get_output_embeddings()
-            head.weight[index] = mean_out.to(head.weight.dtype)
-            if getattr(head, "bias", None) is not None:
-                head.bias[index] = head.bias[:old_len].mean().to(head.bias.dtype)
-    log.info("Added %d token(s) %s -> ids %s; embeddings now %d rows, new rows = mean row",
-             len(fresh), todo, fresh, model.get_input_embeddings().weight.shape[0])
-    return ids
-
-
-def _module_leaf_name(model, module) -> Optional[str]:
-    for name, candidate in model.named_modules():
-        if candidate is module:
-            return name.rsplit(".", 1)[-1]
-    return None
-
-
-def lora_kwargs_for_new_tokens(new_ids: Sequence[int], *, model=None) -> dict:
-    """Extra ``LoraConfig`` kwargs that make the rows of ``new_ids`` trainable (PEFT 0.21).
-
-    With tied embeddings (SmolLM2) PEFT wraps the output head with the same token adapter, so
-    training the input rows also trains the head rows. When ``model`` has an untied head, the
-    head's rows are listed too (same indices), otherwise the model could read but never
-    produce the new tokens. The trained rows live in the adapter (``trainable_tokens_delta``,
-    which holds full row values); ``merge_and_unload()`` writes them into the weights.
-    """
-    ids = sorted({int(i) for i in new_ids})
-    if not ids:
-        return {}
-    if model is None:
-        return {"trainable_token_indices": {"embed_tokens": ids}}
-    embed = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    targets = {_module_leaf_name(model, embed) or "embed_tokens": ids}
-    if head is not None and head.weight is not embed.weight:
-        targets[_module_leaf_name(model, head) or "lm_head"] = ids
-    return {"trainable_token_indices": targets}
-
-
 def save_and_verify(model, tokenizer, folder: Path, token_ids: Sequence[int], model_cfg: ModelConfig) -> dict:
     """Save tokenizer + model together (atomic), reload both, check vocab and rows agree."""
     with atomic_directory(folder, overwrite=True) as tmp:
@@ -248,7 +170,7 @@ def save_and_verify(model, tokenizer, folder: Path, token_ids: Sequence[int], mo
 
 # ------------------------------------------------------------------ training demo
 
-def demo_batch(tokenizer) -> dict[str, torch.Tensor]:
+def demo_examples(tokenizer) -> list[dict]:
     """Two short conversations in '<|user|>…<|assistant|>…' form; every token is a label."""
     end = tokenizer.eos_token or ""
     examples = []
@@ -256,38 +178,21 @@ def demo_batch(tokenizer) -> dict[str, torch.Tensor]:
         text = "".join(f"<|{role}|>\n{content}{end}\n" for role, content in turns)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         examples.append({"input_ids": ids, "labels": list(ids)})
-    return pad_batch(examples, tokenizer.pad_token_id)   # padding is masked by position, not by id
+    return examples
 
 
-def _lora_config(cfg: Config, extra: dict):
-    from peft import LoraConfig
-
-    t = cfg.train
-    targets = t.target_modules if t.target_modules == "all-linear" else [
-        m.strip() for m in t.target_modules.split(",") if m.strip()]
-    return LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha or 2 * t.lora_r, lora_dropout=t.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", **extra)
-
-
-def short_run(model, batch: dict, *, lora_config, steps: int, lr: float) -> tuple[object, list[float]]:
-    """Wrap ``model`` with LoRA and take ``steps`` AdamW steps on ``batch``; returns (merged model, losses)."""
+def short_run(model, examples: Sequence[dict], pad_token_id: int, *, lora_config, steps: int, lr: float,
+              seed: int = 0) -> tuple[object, list[float]]:
+    """Wrap ``model`` with LoRA and take ``steps`` steps on ``examples`` (one batch) with the engine's
+    loop; returns (merged model, losses). Padding is masked by position, not by id."""
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, lora_config)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    peft_model.train()
-    device = next(peft_model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    losses = []
-    for _ in range(steps):
-        loss = peft_model(**batch).loss          # 1. forward: mean loss over labelled tokens
-        loss.backward()                          # 2. backward
-        optimizer.step()                         # 3. update LoRA (+ trainable token rows)
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    settings = LoopSettings(max_steps=steps, batch_size=len(examples), grad_accum=1, lr=lr, warmup_ratio=0.0,
+                            lr_scheduler="constant", weight_decay=0.0, seed=seed)
+    records = train_manually(peft_model, examples, pad_token_id, settings)
     # merge_and_unload writes LoRA and the trained token rows into plain weights: the effective rows
-    return peft_model.merge_and_unload(), losses
+    return peft_model.merge_and_unload(), [r.loss for r in records]
 
 
 def row_changes(before: torch.Tensor, after: torch.Tensor, ids: Sequence[int]) -> dict:
@@ -303,8 +208,8 @@ def row_changes(before: torch.Tensor, after: torch.Tensor, ids: Sequence[int]) -
 def train_new_tokens_demo(cfg: Config, folder: Path, tokenizer, new_ids: Sequence[int]) -> dict:
     """Plain LoRA vs LoRA + trainable_token_indices, each on a fresh copy of the saved model."""
     reload_cfg = dataclasses.replace(cfg.model, model=str(folder), chat_template=None)
-    source, batch, ids = resolve_model(str(folder)), demo_batch(tokenizer), list(new_ids)
-    results = {"steps": DEMO_STEPS, "lr": cfg.train.lr, "tokens_in_batch": int(batch["attention_mask"].sum())}
+    source, examples, ids = resolve_model(str(folder)), demo_examples(tokenizer), list(new_ids)
+    results = {"steps": DEMO_STEPS, "lr": cfg.train.lr, "tokens_in_batch": sum(len(e["input_ids"]) for e in examples)}
     for variant in ("plain_lora", "trainable_tokens"):
         model = load_model(reload_cfg, source)
         tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -313,7 +218,8 @@ def train_new_tokens_demo(cfg: Config, folder: Path, tokenizer, new_ids: Sequenc
         extra = lora_kwargs_for_new_tokens(ids, model=model) if variant == "trainable_tokens" else {}
         torch.manual_seed(cfg.train.seed)
         start = time.perf_counter()
-        merged, losses = short_run(model, batch, lora_config=_lora_config(cfg, extra), steps=DEMO_STEPS, lr=cfg.train.lr)
+        merged, losses = short_run(model, examples, tokenizer.pad_token_id, lora_config=lora_config(cfg.train, extra=extra),
+                                   steps=DEMO_STEPS, lr=cfg.train.lr, seed=cfg.train.seed)
         after_in, after_head = merged.get_input_embeddings().weight.detach(), merged.get_output_embeddings().weight.detach()
         new_rows = after_in[ids].float()
         result = dict(row_changes(before_in, after_in, ids), losses=[round(x, 4) for x in losses],
@@ -348,7 +254,7 @@ def pad_eos_pitfall(tokenizer) -> dict:
                 assistant_turns=sum(m["role"] == "assistant" for m in SAMPLE_CONVERSATION),
                 explanation=("labels[labels == pad_id] = -100 would drop every end-of-turn label (pad == eos), so the "
                              "model never learns to stop; this toolkit masks padding by the attention mask "
-                             "(chat.pad_batch), so those labels stay.") if pad_id == eos_id else
+                             "(batching.pad_batch), so those labels stay.") if pad_id == eos_id else
                 "pad differs from eos: masking by pad id only hides padding")
 
 
@@ -415,7 +321,7 @@ def run(cfg: Config) -> dict:
     if model_cfg.load_8bit or model_cfg.load_4bit:
         log.info("special_tokens compares embedding rows exactly: loading full-precision weights (8/4-bit ignored)")
         model_cfg = dataclasses.replace(model_cfg, load_8bit=False, load_4bit=False)
-    requested = _check_tokens(SEED_EXAMPLE_TOKENS + list(cfg.train.new_tokens or []))
+    requested = check_new_tokens(SEED_EXAMPLE_TOKENS + list(cfg.train.new_tokens or []))
     source = resolve_model(model_cfg.model)
     tokenizer = load_tokenizer(model_cfg, source)
     require_chat_template(tokenizer, source.display_name)
@@ -427,7 +333,7 @@ def run(cfg: Config) -> dict:
     pitfall = pad_eos_pitfall(tokenizer)
     before = {t: pieces(tokenizer, t) for t in requested}
     inv_roles = {r["token"]: r["role"] for r in inv}
-    existing = {t: inv_roles.get(t, "additional") for t in requested if _is_single_special(tokenizer, t)}
+    existing = {t: inv_roles.get(t, "additional") for t in requested if is_single_special_token(tokenizer, t)}
     len_before, rows_before = len(tokenizer), model.get_input_embeddings().weight.shape[0]
     lap("inventory")
     # 3. add, save together, reload

@@ -21,24 +21,33 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from .artefacts import atomic_directory, atomic_write_csv, atomic_write_json, package_versions
-from .chat import encode_many, pad_batch, require_chat_template
-from .config import Config
-from .data import load_train_eval
-from .errors import UserError
-from .manual_loop import (LoopSettings, StepRecord, causal_lm_loss, relative_difference, train_manually,
-                          trained_token_count, walkthrough, walkthrough_facts)
-from .models import load_model, load_tokenizer, resolve_model
-from .plots import line_plot
+from .engine.artefacts import atomic_directory, atomic_write_csv, atomic_write_json, package_versions
+from .engine.batching import pad_batch
+from .engine.chat_format import encode_many, require_chat_template
+from .engine.config import Config
+from .engine.data import load_train_eval
+from .engine.errors import UserError
+from .engine.manual_loop import (
+    LoopSettings,
+    StepRecord,
+    causal_lm_loss,
+    relative_difference,
+    train_manually,
+    trained_token_count,
+    walkthrough,
+    walkthrough_facts,
+)
+from .engine.models import load_model, load_tokenizer, resolve_model
+from .engine.plots import line_plot
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +134,9 @@ class StepMonitor(TrainerCallback):
     the logs with the running average (0.0 right after a log), so the logged loss can look fine.
     """
 
-    def __init__(self, stop_after: Optional[int] = None):
+    def __init__(self, stop_after: int | None = None):
         self.rows: dict[int, dict] = {}
-        self.stopped_at: Optional[int] = None
+        self.stopped_at: int | None = None
         self.stop_after = stop_after   # end early, keeping the full run's lr schedule
         self._started, self._tokens, self._bar = 0.0, 0, None
 
@@ -188,7 +197,7 @@ class LabelSmoothingTrainer(Trainer):
 
 
 def train_with_trainer(model, data: ExplainData, settings: LoopSettings, work_dir: Path, *,
-                       label_smoothing: float = 0.0, stop_after: Optional[int] = None, evaluate: bool = True,
+                       label_smoothing: float = 0.0, stop_after: int | None = None, evaluate: bool = True,
                        callbacks: Sequence = ()):
     """Run HF Trainer with ``settings`` (optionally only the first ``stop_after`` steps of its
     schedule); returns (trainer, its StepMonitor callback)."""
@@ -312,7 +321,7 @@ def run_customisations(cfg: Config, source, data: ExplainData, settings: LoopSet
     return custom, summary
 
 
-def _mean(values: Sequence[float]) -> Optional[float]:
+def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 

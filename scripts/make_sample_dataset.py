@@ -17,11 +17,11 @@ import json
 import random
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from fine_tuning_llms.artefacts import atomic_write_text  # noqa: E402
+from fine_tuning_llms.engine.artefacts import atomic_write_text  # noqa: E402
 
 SIGN_OFF = "— Lumi"   # em dash U+2014, space, Lumi: the marker the toolkit measures
 TRAIN_FILE, EVAL_FILE = "sample_conversations.jsonl", "sample_conversations_eval.jsonl"
@@ -455,9 +455,9 @@ def write_sample_dataset(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0) ->
 
 def token_length_report(paths: dict[str, Path], model: str = "smollm2-135m-instruct") -> str:
     """Token counts per conversation as the model's chat template renders them (default system prompt included)."""
-    from fine_tuning_llms.config import ModelConfig
-    from fine_tuning_llms.data import load_conversations
-    from fine_tuning_llms.models import load_tokenizer
+    from fine_tuning_llms.engine.config import ModelConfig
+    from fine_tuning_llms.engine.data import load_conversations
+    from fine_tuning_llms.engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(model=model))
     lines = []

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from tiny import SAMPLE_CONVERSATIONS, save_tiny_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub

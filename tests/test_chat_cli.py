@@ -8,7 +8,7 @@ import torch
 
 from fine_tuning_llms import chat_cli
 from fine_tuning_llms.cli import main
-from fine_tuning_llms.config import Config
+from fine_tuning_llms.engine.config import Config
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
 """Assistant-only labels for four template families, checked against transformers' own
 ``return_assistant_tokens_mask`` on versions of the same templates with generation tags."""
 import pytest
-
-from fine_tuning_llms import chat
 from tiny import FAMILIES, build_tokenizer
+
+from fine_tuning_llms.engine import chat_format as chat
+from fine_tuning_llms.engine.batching import pad_batch
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there, how are you?"}],
@@ -52,7 +53,7 @@ def test_train_on_last_only(family):
     all_turns = chat.encode_conversation(plain, CONVERSATIONS[1])
     last = chat.encode_conversation(plain, CONVERSATIONS[1], train_on="last")
     assert 0 < last.trained_token_count < all_turns.trained_token_count
-    assert "Paris" in plain.decode([t for t, l in zip(last.input_ids, last.labels) if l != chat.IGNORE_INDEX])
+    assert "Paris" in plain.decode([t for t, label in zip(last.input_ids, last.labels) if label != chat.IGNORE_INDEX])
 
 
 def test_trained_spans_are_the_label_runs():
@@ -72,7 +73,7 @@ def test_pad_equals_eos_keeps_end_of_turn_trained():
     assert tok.pad_token_id == tok.eos_token_id  # the SmolLM2 trap
     a = chat.encode_conversation(tok, CONVERSATIONS[0])
     b = chat.encode_conversation(tok, CONVERSATIONS[1])
-    batch = chat.pad_batch([{"input_ids": a.input_ids, "labels": a.labels},
+    batch = pad_batch([{"input_ids": a.input_ids, "labels": a.labels},
                             {"input_ids": b.input_ids, "labels": b.labels}], tok.pad_token_id)
     row = batch["labels"][0]
     assert (row == tok.eos_token_id).sum() == 1, "the reply's <|im_end|> stays a label"
@@ -101,15 +102,15 @@ def test_template_that_rewrites_history_warns_and_still_masks(caplog):
     report.warn_once(tok)
     assert report.prefix_mismatches >= 1
     assert "re-renders earlier turns differently" in caplog.text
-    trained = tok.decode([t for t, l in zip(enc.input_ids, enc.labels) if l != chat.IGNORE_INDEX])
+    trained = tok.decode([t for t, label in zip(enc.input_ids, enc.labels) if label != chat.IGNORE_INDEX])
     assert trained.endswith("Paris.<|im_end|>")
 
 
 @pytest.mark.embedded
 def test_embedded_model_trains_replies_ending_with_im_end_and_nothing_else():
-    from fine_tuning_llms.config import ModelConfig
-    from fine_tuning_llms.data import load_conversations, sample_dataset_path
-    from fine_tuning_llms.models import load_tokenizer
+    from fine_tuning_llms.engine.config import ModelConfig
+    from fine_tuning_llms.engine.data import load_conversations, sample_dataset_path
+    from fine_tuning_llms.engine.models import load_tokenizer
 
     tok = load_tokenizer(ModelConfig())
     im_start, im_end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from fine_tuning_llms import chat, data
 from fine_tuning_llms.cli import main
+from fine_tuning_llms.engine import chat_format as chat
+from fine_tuning_llms.engine import data
 
 GOOD = {"messages": [{"role": "user", "content": "What is two plus two?"},
                      {"role": "assistant", "content": "Two plus two is four."}]}

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fine_tuning_llms import checks, cli, models
+from fine_tuning_llms import cli
 from fine_tuning_llms.cli import main, parse_config
-from fine_tuning_llms.errors import UserError
+from fine_tuning_llms.engine import checks, models
+from fine_tuning_llms.engine.errors import UserError
 
 SECRET = "hf_secret123"
 QUICK_CHAT = ["--task", "chat", "--prompt", "Hello!", "--max_new_tokens", "2"]
@@ -440,7 +441,7 @@ def test_trust_remote_code_only_with_its_flag(tiny_model_dir, data_file, out, mo
 
 
 def test_written_files_get_normal_permissions(tmp_path):
-    from fine_tuning_llms.artefacts import atomic_directory, atomic_write_text
+    from fine_tuning_llms.engine.artefacts import atomic_directory, atomic_write_text
 
     old = os.umask(0o022)
     try:

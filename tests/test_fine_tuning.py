@@ -81,7 +81,7 @@ def test_kbit_training_completes(flag, tiny_model_dir, train_data, tmp_path):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from fine_tuning_llms import training
+    from fine_tuning_llms.engine import trainer as training
     original = training.ChatTrainer.training_step
     def training_step(self, *a, **k):
         if self.state.global_step == int(os.environ["KILL_AT_STEP"]):
@@ -106,7 +106,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_model_dir, train_da
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (killed / "final_model").exists()
-    from fine_tuning_llms.training import complete_checkpoints
+    from fine_tuning_llms.engine.trainer import complete_checkpoints
 
     done = complete_checkpoints(killed / "checkpoints")
     assert [p.name for p in done] == (["checkpoint-4"] if kill_at >= 4 else []), kill_at
@@ -156,9 +156,9 @@ def test_torchrun_two_processes_save_one_adapter(tiny_model_dir, train_data, tmp
 
 def test_speed_levers_do_not_change_the_losses(tiny_model_dir, train_data, tmp_path, monkeypatch):
     """Packing + trained-positions-only logits + fused nodes vs plain padded batches: same per-step losses."""
-    from fine_tuning_llms import kernels
-    from fine_tuning_llms.kernels import HeadCrossEntropyFunction
-    from fine_tuning_llms.training import ChatTrainer
+    from fine_tuning_llms.engine import kernels
+    from fine_tuning_llms.engine.kernels import HeadCrossEntropyFunction
+    from fine_tuning_llms.engine.trainer import ChatTrainer
 
     fused_calls, micro_batches, released = [], [], []
     original, compute_loss = HeadCrossEntropyFunction.apply, ChatTrainer.compute_loss
@@ -185,7 +185,7 @@ def test_speed_levers_do_not_change_the_losses(tiny_model_dir, train_data, tmp_p
 
 
 def _fail_at_step(monkeypatch, step: int, failure):
-    from fine_tuning_llms import training
+    from fine_tuning_llms.engine import trainer as training
 
     original = training.ChatTrainer.compute_loss
 
@@ -223,8 +223,8 @@ def test_ctrl_c_saves_the_adapter_so_far(tiny_model_dir, train_data, tmp_path, m
 def test_new_tokens_are_added_and_their_rows_trained(tiny_model_dir, train_data, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fine_tuning_llms.adapters import load_model_with_adapter
-    from fine_tuning_llms.config import ModelConfig
+    from fine_tuning_llms.engine.adapters import load_model_with_adapter
+    from fine_tuning_llms.engine.config import ModelConfig
 
     out = tmp_path / "run"
     assert main(train_args(tiny_model_dir, train_data, out, "--max_steps", "3", "--new_tokens", "<|user|>")) == 0

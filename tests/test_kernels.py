@@ -4,10 +4,17 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from fine_tuning_llms import kernels
-from fine_tuning_llms.kernels import (HeadCrossEntropyFunction, LoraLinearFunction, PackedAttentionFunction,
-                                      RMSNormFunction, head_for_fused_loss, release_packed_weights,
-                                      use_fused_kernels, weight_packing_available)
+from fine_tuning_llms.engine import kernels
+from fine_tuning_llms.engine.kernels import (
+    HeadCrossEntropyFunction,
+    LoraLinearFunction,
+    PackedAttentionFunction,
+    RMSNormFunction,
+    head_for_fused_loss,
+    release_packed_weights,
+    use_fused_kernels,
+    weight_packing_available,
+)
 
 
 def test_backward_matches_numerical_gradients():
@@ -212,7 +219,7 @@ def packed_row(vocab: int):
 
 
 def test_fused_head_loss_and_gradients_equal_the_logits_path(tiny_model_dir):
-    from fine_tuning_llms.training import trained_token_loss
+    from fine_tuning_llms.engine.trainer import trained_token_loss
 
     model = lora_model(tiny_model_dir)
     use_fused_kernels(model)
@@ -229,7 +236,7 @@ def test_fused_head_loss_and_gradients_equal_the_logits_path(tiny_model_dir):
 
 
 def test_fused_head_under_bf16_autocast_is_close_to_the_logits_path(tiny_model_dir):
-    from fine_tuning_llms.training import trained_token_loss
+    from fine_tuning_llms.engine.trainer import trained_token_loss
 
     model = lora_model(tiny_model_dir)
     model.train()
@@ -254,7 +261,7 @@ def test_trained_or_wrapped_heads_keep_the_model_path(tiny_model_dir):
 
 def test_fp16_keeps_autograd_cross_entropy(tiny_model_dir, monkeypatch):
     """fp16 would flush small softmax gradients to zero before loss scaling; that path stays autograd's."""
-    from fine_tuning_llms.training import trained_token_loss
+    from fine_tuning_llms.engine.trainer import trained_token_loss
 
     calls = []
     monkeypatch.setattr(HeadCrossEntropyFunction, "apply", lambda *a: calls.append(1))
@@ -283,7 +290,7 @@ def test_packed_attention_matches_numerical_gradients():
 
 
 def packed_attention_model(model_dir, **lora):
-    from fine_tuning_llms.packed_attention import register_packed_attention
+    from fine_tuning_llms.engine.kernels.packed_sdpa import register_packed_attention
 
     model = lora_model(model_dir, **lora)
     model.base_model.model.set_attn_implementation(register_packed_attention())
@@ -291,7 +298,7 @@ def packed_attention_model(model_dir, **lora):
 
 
 def test_packed_attention_node_equals_transformers_in_a_training_step(tiny_model_dir, monkeypatch):
-    from fine_tuning_llms.training import trained_token_loss
+    from fine_tuning_llms.engine.trainer import trained_token_loss
 
     calls = count_applies(monkeypatch, PackedAttentionFunction)
     model = packed_attention_model(tiny_model_dir)

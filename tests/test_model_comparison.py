@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import build_tokenizer
 
 from fine_tuning_llms import model_comparison as mc
-from fine_tuning_llms.adapters import check_adapter_dir, load_model_with_adapter
-from fine_tuning_llms.config import Config
-from fine_tuning_llms.errors import UserError
-from fine_tuning_llms.generation import end_of_turn_ids, generate_batch, stop_token_ids, trim_at_stop
-from tiny import build_tokenizer
+from fine_tuning_llms.engine.adapters import check_adapter_dir, load_model_with_adapter
+from fine_tuning_llms.engine.config import Config
+from fine_tuning_llms.engine.errors import UserError
+from fine_tuning_llms.engine.generation import end_of_turn_ids, generate_batch, stop_token_ids, trim_at_stop
 
 QUESTIONS = ["Hello!", "What is the capital of France? Answer briefly please.", "안녕하세요"]
 MAX_NEW = 12

@@ -4,9 +4,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fine_tuning_llms import chat
-from fine_tuning_llms.packing import PackingCollator
-from fine_tuning_llms.training import PadCollator
+from fine_tuning_llms.engine import chat_format as chat
+from fine_tuning_llms.engine.batching import PackingCollator, PadCollator
 
 CONVS = [
     [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Two plus two is four."}],
@@ -98,7 +97,7 @@ def test_trained_logits_only_gives_same_loss(model_and_examples):
 
 def test_packed_sdpa_attention_equals_sequences_run_alone(tiny_model_dir, model_and_examples):
     """The per-conversation attention path gives the masked result, for loss and for gradients."""
-    from fine_tuning_llms.packed_attention import register_packed_attention
+    from fine_tuning_llms.engine.kernels.packed_sdpa import register_packed_attention
 
     _, _, examples = model_and_examples
     masked = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
@@ -116,7 +115,7 @@ def test_packed_sdpa_attention_equals_sequences_run_alone(tiny_model_dir, model_
 
 
 def test_packed_sdpa_falls_back_for_padded_batches_and_generation(tiny_model_dir, model_and_examples):
-    from fine_tuning_llms.packed_attention import register_packed_attention
+    from fine_tuning_llms.engine.kernels.packed_sdpa import register_packed_attention
 
     reference, tok, examples = model_and_examples
     split = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -134,7 +133,7 @@ def test_packed_sdpa_falls_back_for_padded_batches_and_generation(tiny_model_dir
 def test_packed_sdpa_runs_cpu_pieces_in_fp32_even_under_autocast():
     """bf16 inputs: each conversation's attention is computed in fp32 (faster backward on CPU and
     more exact), so the result is the fp32 computation rounded once to bf16."""
-    from fine_tuning_llms.packed_attention import packed_sdpa_forward
+    from fine_tuning_llms.engine.kernels.packed_sdpa import packed_sdpa_forward
 
     torch.manual_seed(0)
     lengths = [5, 9, 3]
@@ -156,7 +155,7 @@ def test_packed_sdpa_runs_cpu_pieces_in_fp32_even_under_autocast():
 
 
 def test_packed_eval_loss_equals_padded(model_and_examples):
-    from fine_tuning_llms.training import mean_eval_loss
+    from fine_tuning_llms.engine.trainer import mean_eval_loss
 
     model, tok, examples = model_and_examples
     padded = mean_eval_loss(model, examples * 3, tok.pad_token_id, batch_size=4)

@@ -14,12 +14,13 @@ import logging
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny import FAMILY_ATTENTION, FAMILY_MODELS, SAMPLE_CONVERSATIONS, save_family_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fine_tuning_llms import chat, packing
 from fine_tuning_llms.cli import main
-from fine_tuning_llms.kernels import head_for_fused_loss, use_fused_kernels
-from tiny import FAMILY_ATTENTION, FAMILY_MODELS, SAMPLE_CONVERSATIONS, save_family_checkpoint
+from fine_tuning_llms.engine import batching as packing
+from fine_tuning_llms.engine import chat_format as chat
+from fine_tuning_llms.engine.kernels import head_for_fused_loss, use_fused_kernels
 
 PAIRS = [(family, attn) for family in FAMILY_MODELS for attn in FAMILY_ATTENTION[family]]
 
@@ -92,7 +93,7 @@ def test_a_leaking_packing_fails_the_self_check_and_pads(family_dirs, examples, 
     original = packing.PackingCollator.__call__
     monkeypatch.setattr(packing.PackingCollator, "__call__", lambda self, ex: LEAKS[leak](original(self, ex)))
     model = lora_model(family_dirs["llama"], attn)
-    with caplog.at_level(logging.WARNING, logger="fine_tuning_llms.packing"):
+    with caplog.at_level(logging.WARNING, logger="fine_tuning_llms.engine.batching"):
         decision = packing.choose_layout(model, examples, enabled=True)
     assert not decision.packed and decision.check.rel_diff > decision.check.tolerance
     assert model.get_base_model().config._attn_implementation == attn  # the packed path is switched off again

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fine_tuning_llms import report
-from fine_tuning_llms.config import Config
+from fine_tuning_llms.engine.config import Config
 
 HOSTILE = '<script>alert("x")</script> & <b>bold</b>'
 SECRET = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
@@ -203,7 +203,7 @@ def mask_spans(prep: str) -> list[tuple[str, str]]:
 def test_mask_view_with_a_local_tokenizer(tmp_path, tiny_model_dir, text_matches_ids):
     from transformers import AutoTokenizer
 
-    from fine_tuning_llms.chat import encode_conversation
+    from fine_tuning_llms.engine.chat_format import encode_conversation
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     messages = [{"role": "user", "content": "안녕하세요"}, {"role": "assistant", "content": "네, 안녕하세요!"},
@@ -229,7 +229,7 @@ def test_refresh_never_raises_and_run_checks_the_folder(tmp_path, caplog):
     assert "could not refresh" in caplog.text
     cfg = Config()
     cfg.run.output_dir = str(tmp_path / "missing")
-    from fine_tuning_llms.errors import UserError
+    from fine_tuning_llms.engine.errors import UserError
     with pytest.raises(UserError, match="does not exist"):
         report.run(cfg)
     cfg.run.output_dir = str(make_fake_output(tmp_path / "out"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fine_tuning_llms.data import SAMPLE_EVAL, SAMPLE_TRAIN, load_conversations, sample_dataset_path
+from fine_tuning_llms.engine.data import SAMPLE_EVAL, SAMPLE_TRAIN, load_conversations, sample_dataset_path
 
 ROOT = Path(__file__).resolve().parents[1]
 HANGUL = re.compile("[가-힣]")

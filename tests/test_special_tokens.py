@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from fine_tuning_llms import special_tokens as st
-from fine_tuning_llms.config import Config, ModelConfig
-from fine_tuning_llms.errors import UserError
-from fine_tuning_llms.models import load_model, load_tokenizer
+from fine_tuning_llms.engine import lora
+from fine_tuning_llms.engine.config import Config, ModelConfig
+from fine_tuning_llms.engine.errors import UserError
+from fine_tuning_llms.engine.lora import lora_config
+from fine_tuning_llms.engine.models import load_model, load_tokenizer
 
 
 def _load(folder):
@@ -63,7 +65,7 @@ def test_add_two_tokens_grows_vocab_by_two_with_mean_rows(tiny_model_dir):
     model, tok = _load(tiny_model_dir)
     old = model.get_input_embeddings().weight.detach().clone()
     n = len(tok)
-    ids = st.add_special_tokens(model, tok, ["<|user|>", "<|assistant|>"])
+    ids = lora.add_special_tokens(model, tok, ["<|user|>", "<|assistant|>"])
     weight = model.get_input_embeddings().weight.detach()
     assert len(tok) == n + 2 and weight.shape[0] == old.shape[0] + 2
     assert ids == [n, n + 1]
@@ -73,18 +75,19 @@ def test_add_two_tokens_grows_vocab_by_two_with_mean_rows(tiny_model_dir):
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight   # still tied
     assert [tok(t, add_special_tokens=False)["input_ids"] for t in ("<|user|>", "<|assistant|>")] == [[n], [n + 1]]
     # adding again (and an existing control token) changes nothing
-    assert st.add_special_tokens(model, tok, ["<|assistant|>", "<|im_end|>"]) == [n + 1, tok.eos_token_id]
+    assert lora.add_special_tokens(model, tok, ["<|assistant|>", "<|im_end|>"]) == [n + 1, tok.eos_token_id]
     assert len(tok) == n + 2 and model.get_input_embeddings().weight.shape[0] == n + 2
 
 
 def _trained_rows(tmp_path, tiny_model_dir, *, trainable: bool):
     model, tok = _load(tiny_model_dir)
-    new_ids = st.add_special_tokens(model, tok, ["<|user|>", "<|assistant|>"])
+    new_ids = lora.add_special_tokens(model, tok, ["<|user|>", "<|assistant|>"])
     before = model.get_input_embeddings().weight.detach().clone()
-    extra = st.lora_kwargs_for_new_tokens(new_ids, model=model) if trainable else {}
+    extra = lora.lora_kwargs_for_new_tokens(new_ids, model=model) if trainable else {}
     cfg = _config(tmp_path, tiny_model_dir, lr=1e-2)
     torch.manual_seed(0)
-    merged, losses = st.short_run(model, st.demo_batch(tok), lora_config=st._lora_config(cfg, extra), steps=3, lr=1e-2)
+    merged, losses = st.short_run(model, st.demo_examples(tok), tok.pad_token_id,
+                                  lora_config=lora_config(cfg.train, extra=extra), steps=3, lr=1e-2)
     return before, merged, new_ids, losses
 
 
@@ -117,28 +120,29 @@ def test_untied_head_gets_mean_rows_and_is_trained():
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() + 0.5)  # untie
     n = len(tok)
     head_mean = model.lm_head.weight.detach().mean(dim=0)
-    ids = st.add_special_tokens(model, tok, ["<|user|>", "<|assistant|>"])
+    ids = lora.add_special_tokens(model, tok, ["<|user|>", "<|assistant|>"])
     torch.testing.assert_close(model.lm_head.weight.detach()[ids[0]], head_mean, rtol=0, atol=1e-6)
-    kwargs = st.lora_kwargs_for_new_tokens(ids, model=model)
+    kwargs = lora.lora_kwargs_for_new_tokens(ids, model=model)
     assert kwargs == {"trainable_token_indices": {"embed_tokens": [n, n + 1], "lm_head": [n, n + 1]}}
     head_before = model.lm_head.weight.detach().clone()
     cfg = Config()
     torch.manual_seed(0)
-    merged, _ = st.short_run(model, st.demo_batch(tok), lora_config=st._lora_config(cfg, kwargs), steps=2, lr=1e-2)
+    merged, _ = st.short_run(model, st.demo_examples(tok), tok.pad_token_id,
+                             lora_config=lora_config(cfg.train, extra=kwargs), steps=2, lr=1e-2)
     head_after = merged.get_output_embeddings().weight.detach()
     assert torch.equal(head_after[:n], head_before[:n])
     assert (head_after[ids] - head_before[ids]).abs().max() > 1e-3
 
 
 def test_lora_kwargs_without_model_and_empty():
-    assert st.lora_kwargs_for_new_tokens([5, 3, 5]) == {"trainable_token_indices": {"embed_tokens": [3, 5]}}
-    assert st.lora_kwargs_for_new_tokens([]) == {}
+    assert lora.lora_kwargs_for_new_tokens([5, 3, 5]) == {"trainable_token_indices": {"embed_tokens": [3, 5]}}
+    assert lora.lora_kwargs_for_new_tokens([]) == {}
 
 
 @pytest.mark.parametrize("bad", ["", "   ", " <x> "])
 def test_bad_new_tokens_are_user_errors(bad):
     with pytest.raises(UserError, match="--new_tokens"):
-        st._check_tokens([bad])
+        lora.check_new_tokens([bad])
 
 
 def test_untrained_rule():

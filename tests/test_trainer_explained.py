@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from fine_tuning_llms import manual_loop
 from fine_tuning_llms.cli import main
+from fine_tuning_llms.engine import manual_loop
 
 WORDS = ("hello the capital of France is Paris two plus four sea sky poem friendly assistant answers "
          "briefly 안녕하세요 Seoul").split()

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
 
 from .artefacts import atomic_write_bytes
 
@@ -47,7 +47,7 @@ def line_plot(path: str | Path, panels: Sequence[Mapping], *, title: str = "") -
 
 
 def histogram(path: str | Path, values: Sequence[float], *, title: str, xlabel: str,
-              bins: int = 30, vline: Optional[float] = None, vline_label: str = "") -> Path:
+              bins: int = 30, vline: float | None = None, vline_label: str = "") -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(list(values), bins=bins, color="#4C72B0", alpha=0.85)

@@ -311,7 +311,7 @@ class PackedAttentionFunction(torch.autograd.Function):
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
     """LlamaAttention.forward, except for a packed row in training with gradients on CPU, where the
     rotary embedding and the per-conversation attention run as one node."""
-    from .packed_attention import PACKED_SDPA, packed_lengths
+    from .packed_sdpa import PACKED_SDPA, packed_lengths
 
     position_ids = kwargs.get("position_ids")
     if (not (self.training and torch.is_grad_enabled()) or cache is not None or position_ids is None

@@ -15,16 +15,19 @@ the end-of-turn token that teaches the model to stop.
 from __future__ import annotations
 
 import logging
-import os
-import sys
-from dataclasses import dataclass
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
+from tqdm.auto import tqdm
+
+from .data import Conversation
 from .errors import UserError
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ CHATML_TEMPLATE = (
 )
 
 
-def ensure_chat_template(tokenizer, option: Optional[str]) -> None:
+def ensure_chat_template(tokenizer, option: str | None) -> None:
     """Install --chat_template ('chatml' or a Jinja file) or leave the tokenizer's own."""
     if option:
         if option == "chatml":
@@ -109,7 +112,7 @@ def _eot_strings(tokenizer) -> list[str]:
 
 
 def assistant_char_spans(tokenizer, messages: Sequence[dict], *, train_on: str = "all",
-                         report: Optional[TemplateReport] = None) -> tuple[str, list[tuple[int, int]]]:
+                         report: TemplateReport | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Render ``messages`` and return (text, [(start, end) char span of each trained reply])."""
     full = render(tokenizer, messages)
     spans: list[tuple[int, int]] = []
@@ -187,8 +190,8 @@ def mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[
     return mask
 
 
-def encode_conversation(tokenizer, messages: Sequence[dict], *, max_length: Optional[int] = None,
-                        train_on: str = "all", report: Optional[TemplateReport] = None) -> Optional[EncodedConversation]:
+def encode_conversation(tokenizer, messages: Sequence[dict], *, max_length: int | None = None,
+                        train_on: str = "all", report: TemplateReport | None = None) -> EncodedConversation | None:
     """Template + tokenize + label one conversation; None when truncation would leave nothing trained."""
     text, spans = assistant_char_spans(tokenizer, messages, train_on=train_on, report=report)
     # add_special_tokens=False: the template already wrote any BOS it wants (no double BOS), and
@@ -198,7 +201,7 @@ def encode_conversation(tokenizer, messages: Sequence[dict], *, max_length: Opti
     return _finish(enc["input_ids"], mask, text, max_length)
 
 
-def _finish(ids: list[int], mask: list[int], text: str, max_length: Optional[int]) -> Optional[EncodedConversation]:
+def _finish(ids: list[int], mask: list[int], text: str, max_length: int | None) -> EncodedConversation | None:
     truncated = False
     if max_length is not None and len(ids) > max_length:
         ids, mask, truncated = ids[:max_length], mask[:max_length], True
@@ -208,8 +211,8 @@ def _finish(ids: list[int], mask: list[int], text: str, max_length: Optional[int
     return EncodedConversation(input_ids=list(ids), labels=labels, text=text, truncated=truncated)
 
 
-def encode_many(tokenizer, conversations: Sequence[Sequence[dict]], *, max_length: Optional[int] = None,
-                train_on: str = "all", report: Optional[TemplateReport] = None) -> list[Optional[EncodedConversation]]:
+def encode_many(tokenizer, conversations: Sequence[Sequence[dict]], *, max_length: int | None = None,
+                train_on: str = "all", report: TemplateReport | None = None) -> list[EncodedConversation | None]:
     """Batched version of encode_conversation: one fast-tokenizer call for all texts."""
     rendered = [assistant_char_spans(tokenizer, m, train_on=train_on, report=report) for m in conversations]
     if not rendered:
@@ -221,50 +224,74 @@ def encode_many(tokenizer, conversations: Sequence[Sequence[dict]], *, max_lengt
     return out
 
 
-def pad_batch(examples: Sequence[dict], pad_token_id: int) -> "dict[str, torch.Tensor]":
-    """Right-pad {"input_ids", "labels"} lists into tensors; padding gets label -100 by position."""
-    import torch  # here, so that reading labels (the report) never needs torch
-
-    longest = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(examples), longest), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[row, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-        labels[row, :n] = torch.tensor(e["labels"], dtype=torch.long)
-        attention[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
-
-
-def use_colour(stream=None) -> bool:
-    stream = stream or sys.stdout
-    return "NO_COLOR" not in os.environ and hasattr(stream, "isatty") and stream.isatty()
-
-
-def mask_view(tokenizer, example: EncodedConversation, *, colour: Optional[bool] = None) -> str:
-    """The lesson's picture: the rendered conversation with trained tokens highlighted.
-
-    Colour: trained tokens on a green background. Plain fallback: trained runs in ⟦ ⟧.
-    """
-    colour = use_colour() if colour is None else colour
-    on, off = ("\x1b[42;30m", "\x1b[0m") if colour else ("⟦", "⟧")
-    pieces, inside = [], False
-    for token_id, trained in zip(example.input_ids, example.assistant_mask):
-        piece = tokenizer.decode([token_id])
-        if trained and not inside:
-            pieces.append(on)
-        elif not trained and inside:
-            pieces.append(off)
-        inside = bool(trained)
-        pieces.append(piece)
-    if inside:
-        pieces.append(off)
-    return "".join(pieces)
-
-
 def generation_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     """Token ids of a conversation rendered for the model to answer next (inference)."""
     require_chat_template(tokenizer)
     text = render(tokenizer, messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------ whole data sets
+
+CHUNK = 256  # conversations per batched tokenizer call
+
+
+@dataclass
+class ProcessedData:
+    examples: list[dict]                  # {"input_ids", "labels", "text", "truncated"}
+    kept: int = 0
+    dropped: int = 0
+    truncated: int = 0
+    template_warnings: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        total_tokens = sum(self.lengths)
+        trained = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in self.examples)
+        return {
+            "examples_kept": self.kept,
+            "examples_dropped_too_long": self.dropped,
+            "examples_truncated": self.truncated,
+            "total_tokens": total_tokens,
+            "trained_tokens": trained,
+            "share_of_tokens_trained": round(trained / total_tokens, 4) if total_tokens else 0.0,
+            "length_percentiles": percentiles(self.lengths),
+            "template_prefix_mismatches": self.template_warnings,
+        }
+
+
+def percentiles(values: Sequence[int]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pick(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    return {"min": ordered[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1],
+            "mean": round(statistics.fmean(ordered), 1)}
+
+
+def tokenize_conversations(tokenizer, conversations: Sequence[Conversation], *, max_length: int | None,
+                           train_on: str = "all", desc: str = "Tokenizing", progress: bool = True) -> ProcessedData:
+    """Template, tokenize and label conversations in chunks (batched fast-tokenizer calls)."""
+    require_chat_template(tokenizer)
+    report = TemplateReport()
+    out = ProcessedData(examples=[])
+    bar = tqdm(total=len(conversations), desc=desc, unit="conv", disable=not progress or len(conversations) < 500)
+    for start in range(0, len(conversations), CHUNK):
+        batch = conversations[start:start + CHUNK]
+        for encoded in encode_many(tokenizer, batch, max_length=max_length, train_on=train_on, report=report):
+            if encoded is None:
+                out.dropped += 1
+                continue
+            out.kept += 1
+            out.truncated += int(encoded.truncated)
+            out.lengths.append(len(encoded.input_ids))
+            out.examples.append({"input_ids": encoded.input_ids, "labels": encoded.labels,
+                                 "text": encoded.text, "truncated": encoded.truncated})
+        bar.update(len(batch))
+    bar.close()
+    report.warn_once(tokenizer)
+    out.template_warnings = report.prefix_mismatches
+    return out

@@ -19,7 +19,6 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlparse
 
 import torch
@@ -134,7 +133,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_cached(repo_id: str) -> Optional[str]:
+def _hub_cached(repo_id: str) -> str | None:
     from huggingface_hub import snapshot_download
 
     try:
@@ -233,7 +232,7 @@ def _check_weights_format(source: ModelSource, allow_pickle: bool) -> None:
                         "loaded; convert them to safetensors or pass --allow_pickle if you trust the source")
 
 
-def load_tokenizer(cfg: ModelConfig, source: Optional[ModelSource] = None):
+def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
     from transformers import AutoTokenizer
 
     source = source or resolve_model(cfg.model)
@@ -245,7 +244,7 @@ def load_tokenizer(cfg: ModelConfig, source: Optional[ModelSource] = None):
         tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=cfg.trust_remote_code)
     except Exception as exc:
         raise _hub_error(exc, source) from None
-    from .chat import ensure_chat_template, ensure_pad_token
+    from .chat_format import ensure_chat_template, ensure_pad_token
 
     ensure_chat_template(tokenizer, cfg.chat_template)
     ensure_pad_token(tokenizer)
@@ -268,7 +267,7 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def load_model(cfg: ModelConfig, source: Optional[ModelSource] = None):
+def load_model(cfg: ModelConfig, source: ModelSource | None = None):
     """Load a causal LM with the configured device, dtype and quantisation; eval mode."""
     from transformers import AutoModelForCausalLM
 

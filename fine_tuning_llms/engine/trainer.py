@@ -11,44 +11,22 @@ import logging
 import math
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import chat
+from . import chat_format
 from .artefacts import atomic_write_text
+from .batching import PackingCollator, pad_batch
 from .kernels import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
-from .packing import PackingCollator
+from .precision import autocast_dtype
 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "eval_loss", "tokens_per_s", "trained_tokens_per_s"]
-
-
-class ExampleDataset(torch.utils.data.Dataset):
-    """Processed examples ({"input_ids", "labels"}) with their lengths for length-grouped batching."""
-
-    def __init__(self, examples: Sequence[dict]):
-        self.examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.examples[i]
-
-
-class PadCollator:
-    """Right-pads a batch; padding gets label -100 *by position*, so pad == eos is harmless."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        return chat.pad_batch(examples, self.pad_token_id)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,10 +48,10 @@ class ChatTrainer(Trainer):
         self.trained_logits_only = trained_logits_only
         self.fused_head = fused_head
         self.packed, self.pad_token_id = packed, pad_token_id
-        self.autocast_dtype = torch.bfloat16 if self.args.bf16 else (torch.float16 if self.args.fp16 else None)
-        self.last_eval: Optional[tuple[int, float]] = None  # (step, held-out loss) of the latest evaluate()
+        self.autocast_dtype = autocast_dtype(self.args.bf16, self.args.fp16)
+        self.last_eval: tuple[int, float] | None = None  # (step, held-out loss) of the latest evaluate()
         self.eval_seconds = 0.0  # time spent in evaluate() during train(), to report training speed alone
-        self._non_embedding_params: Optional[int] = None
+        self._non_embedding_params: int | None = None
         self.tokens_seen = 0          # non-pad tokens fed forward
         self.trained_tokens_seen = 0  # tokens with a label
 
@@ -87,7 +65,7 @@ class ChatTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")  # padded batches; a packed row has no padding
         self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        self.trained_tokens_seen += int((inputs["labels"] != chat.IGNORE_INDEX).sum())
+        self.trained_tokens_seen += int((inputs["labels"] != chat_format.IGNORE_INDEX).sum())
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             raise NonFiniteLossError(f"loss became {loss.item()} at step {self.state.global_step + 1}")
@@ -132,7 +110,7 @@ class ChatTrainer(Trainer):
 
 
 def trained_token_loss(model, inputs: dict, fused_head: bool = False,
-                       autocast_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, int, object]:
+                       autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int, object]:
     """Summed cross-entropy over the trained tokens of one packed row, their count, model outputs.
 
     The vocabulary projection (lm_head) runs only where the next token has a label, via the
@@ -144,7 +122,7 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
     """
     inputs = dict(inputs, use_cache=False)  # a cache would make transformers stop isolating packed sequences
     targets = inputs.pop("labels")[0, 1:]                      # (T-1,) token t+1 is predicted at t
-    keep = (targets != chat.IGNORE_INDEX).nonzero().squeeze(1)  # (N,) positions that need logits
+    keep = (targets != chat_format.IGNORE_INDEX).nonzero().squeeze(1)  # (N,) positions that need logits
     head = head_for_fused_loss(model) if fused_head else None
     if head is not None:
         decoder, weight = head
@@ -172,7 +150,7 @@ class TrainingLogCallback(TrainerCallback):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.rows: list[dict] = []
-        self.trainer: Optional[ChatTrainer] = None  # set once the Trainer exists (it takes the callback first)
+        self.trainer: ChatTrainer | None = None  # set once the Trainer exists (it takes the callback first)
         self._last = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -245,15 +223,8 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # older torch builds without the probe
-        return False
-
-
 def mean_eval_loss(model, examples: Sequence[dict], pad_token_id: int, *, batch_size: int = 8,
-                   autocast_dtype: Optional[torch.dtype] = None, packed: bool = False) -> float:
+                   autocast_dtype: torch.dtype | None = None, packed: bool = False) -> float:
     """Token-weighted mean loss over trained tokens (the number perplexity is made of).
 
     ``packed``: each batch laid end to end in one row with logits only at trained positions,
@@ -269,14 +240,14 @@ def mean_eval_loss(model, examples: Sequence[dict], pad_token_id: int, *, batch_
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
-            batch = PackingCollator()(chunk) if packed else chat.pad_batch(chunk, pad_token_id)
+            batch = PackingCollator()(chunk) if packed else pad_batch(chunk, pad_token_id)
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 if packed:
                     loss_sum, n, _ = trained_token_loss(model, batch)
                     loss_sum = float(loss_sum)
                 else:
-                    n = int((batch["labels"][:, 1:] != chat.IGNORE_INDEX).sum())
+                    n = int((batch["labels"][:, 1:] != chat_format.IGNORE_INDEX).sum())
                     loss_sum = float(model(**batch, use_cache=False).loss) * n  # padded: no packing detection needed
             total_loss += loss_sum
             total_tokens += n

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
-from .chat import IGNORE_INDEX
+from .chat_format import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,43 @@ def packed_lengths(position_ids: torch.Tensor) -> list[int]:
     """Lengths of the conversations in one packed row: its position ids restart at 0 for each."""
     starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [position_ids.shape[1]]
     return [end - start for start, end in zip(starts, starts[1:])]
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """Processed examples ({"input_ids", "labels"}) with their lengths for length-grouped batching."""
+
+    def __init__(self, examples: Sequence[dict]):
+        self.examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+def pad_batch(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad {"input_ids", "labels"} lists into tensors; padding gets label -100 by position."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        labels[row, :n] = torch.tensor(e["labels"], dtype=torch.long)
+        attention[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+class PadCollator:
+    """Right-pads a batch; padding gets label -100 *by position*, so pad == eos is harmless."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        return pad_batch(examples, self.pad_token_id)
 
 
 class PackingCollator:
@@ -137,13 +174,13 @@ def _one_by_one_loss(model, examples: Sequence[dict], device) -> tuple[float, in
     return total, count
 
 
-def check_packing(model, examples: Sequence[dict], *, autocast_dtype: Optional[torch.dtype] = None,
+def check_packing(model, examples: Sequence[dict], *, autocast_dtype: torch.dtype | None = None,
                   fused_head: bool = False, trained_logits_only: bool = True) -> PackingCheck:
     """Packed loss (as training and evaluation compute it) against one-by-one loss, same model.
 
     Costs two packed forwards and one forward per example (about a second on the embedded model).
     """
-    from .training import trained_token_loss  # the loss training uses on packed rows
+    from .trainer import trained_token_loss  # the loss training uses on packed rows
 
     device = next(model.parameters()).device
     compute_dtype = autocast_dtype or next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
@@ -196,7 +233,7 @@ def attention_implementation(model) -> str:
 class PackingDecision:
     packed: bool
     reason: str
-    check: Optional[PackingCheck] = None
+    check: PackingCheck | None = None
 
     def as_dict(self) -> dict:
         return {"packed": self.packed, "reason": self.reason, "self_check": self.check.as_dict() if self.check else None}
@@ -206,14 +243,14 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def choose_layout(model, examples: Sequence[dict], *, enabled: bool, autocast_dtype: Optional[torch.dtype] = None,
+def choose_layout(model, examples: Sequence[dict], *, enabled: bool, autocast_dtype: torch.dtype | None = None,
                   fused_head: bool = False, trained_logits_only: bool = True) -> PackingDecision:
     """Pack only where it is proven exact on this model; otherwise pad. Logs the one line that says which.
 
     On SDPA models the per-conversation attention (``packed_attention``) is switched on first, so
     the self-check covers the path training will take; a failed check switches it off again.
     """
-    from .packed_attention import PACKED_SDPA, register_packed_attention
+    from .kernels.packed_sdpa import PACKED_SDPA, register_packed_attention
 
     if not enabled:
         decision = PackingDecision(False, "--packing false")

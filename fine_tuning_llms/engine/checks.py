@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from .chat import render, require_chat_template
+from .chat_format import render, require_chat_template
 from .errors import UserError
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -123,8 +123,8 @@ def _model_device(model) -> torch.device:
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                    do_sample: bool = False, temperature: float = 0.7, batch_size: int = 16,
-                   seed: int = 42, stop_ids: Optional[Sequence[int]] = None,
-                   progress: Optional[str] = None) -> list[GenerationResult]:
+                   seed: int = 42, stop_ids: Sequence[int] | None = None,
+                   progress: str | None = None) -> list[GenerationResult]:
     """Generate an answer for every prompt (token ids), ``batch_size`` prompts per ``generate`` call.
 
     Prompts are grouped by length (less padding) and results come back in the input order.
@@ -140,7 +140,7 @@ def generate_batch(model, tokenizer, prompts_ids: Sequence[Sequence[int]], *, ma
     device = _model_device(model)
     order = sorted(range(len(prompts_ids)), key=lambda i: len(prompts_ids[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    results: list[Optional[GenerationResult]] = [None] * len(prompts_ids)
+    results: list[GenerationResult | None] = [None] * len(prompts_ids)
     bar = None
     if progress:
         from tqdm.auto import tqdm

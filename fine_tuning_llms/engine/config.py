@@ -7,7 +7,6 @@ onto them one to one. Precedence: dataclass default < YAML file < command-line f
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 TASKS_IN_ORDER = ("special_tokens", "preprocess", "explain", "train", "compare")
@@ -35,30 +34,30 @@ class ModelConfig:
                                  "turn it on for models you trust.")
     allow_pickle: bool = _f(False, "Allow loading pickle (.bin) weights. Off by default: pickle can run code; "
                             "safetensors cannot.")
-    chat_template: Optional[str] = _f(None, "Chat template for tokenizers without one: 'chatml' or a path to a "
+    chat_template: str | None = _f(None, "Chat template for tokenizers without one: 'chatml' or a path to a "
                                       "Jinja file.")
 
 
 @dataclass
 class DataConfig:
-    dataset_path: Optional[str] = _f(None, "Training conversations: a JSON array or JSONL file. Default: the "
+    dataset_path: str | None = _f(None, "Training conversations: a JSON array or JSONL file. Default: the "
                                      "sample dataset shipped with the package.")
-    dataset: Optional[str] = _f(None, "A dataset id for the `datasets` library (local cache, or hub when reachable).")
+    dataset: str | None = _f(None, "A dataset id for the `datasets` library (local cache, or hub when reachable).")
     dataset_split: str = _f("train", "Split of --dataset to use.")
-    dataset_config: Optional[str] = _f(None, "Configuration name of --dataset.")
+    dataset_config: str | None = _f(None, "Configuration name of --dataset.")
     data_format: str = _f("auto", "Record format: auto, messages (OpenAI role/content), sharegpt (from/value), "
                           "alpaca (instruction/input/output), prompt_completion.",
                           choices=["auto", "messages", "sharegpt", "alpaca", "prompt_completion"])
     skip_invalid: bool = _f(False, "Skip invalid records (and report how many and why) instead of stopping.")
     train_on: str = _f("all", "Which assistant replies get labels: all, or only the last one.", choices=["all", "last"])
-    system_prompt: Optional[str] = _f(None, "System prompt for conversations that have none. Default: keep the "
+    system_prompt: str | None = _f(None, "System prompt for conversations that have none. Default: keep the "
                                       "template's behaviour (SmolLM2's template injects its own default).")
     max_length: int = _f(512, "Maximum tokens per conversation; longer ones are truncated (keeping trained "
                          "assistant tokens) or dropped.")
-    eval_path: Optional[str] = _f(None, "Held-out conversations (JSON/JSONL). Default: the sample dataset's "
+    eval_path: str | None = _f(None, "Held-out conversations (JSON/JSONL). Default: the sample dataset's "
                                   "held-out split, or --eval_ratio of the training data.")
     eval_ratio: float = _f(0.1, "Share of the training data held out for evaluation when no --eval_path is given.")
-    max_examples: Optional[int] = _f(None, "Use at most this many training conversations (quick runs).")
+    max_examples: int | None = _f(None, "Use at most this many training conversations (quick runs).")
 
 
 @dataclass
@@ -69,7 +68,7 @@ class TrainConfig:
     lr: float = _f(2e-4, "Peak learning rate. 2e-4 suits LoRA (the full-fine-tuning default 5e-5 barely moves "
                    "a low-rank adapter in a short run).")
     lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: Optional[int] = _f(None, "LoRA alpha (default: 2 x lora_r).")
+    lora_alpha: int | None = _f(None, "LoRA alpha (default: 2 x lora_r).")
     lora_dropout: float = _f(0.0, "LoRA dropout. 0 by default: dropout on every adapter's input cost ~35%% of a "
                              "CPU training step here (benchmarks/bench_train.py); try 0.05-0.1 against overfitting.")
     target_modules: str = _f("all-linear", "Modules that get LoRA adapters: 'all-linear' or a comma list such "
@@ -84,7 +83,7 @@ class TrainConfig:
     seed: int = _f(42, "Random seed (data order, LoRA init, sampling).")
     save_steps: int = _f(50, "Save a checkpoint every N optimizer steps.")
     logging_steps: int = _f(5, "Log loss / lr / grad norm every N optimizer steps.")
-    resume_from_checkpoint: Optional[str] = _f(None, "Continue a run: a checkpoint folder, or 'auto' for the "
+    resume_from_checkpoint: str | None = _f(None, "Continue a run: a checkpoint folder, or 'auto' for the "
                                                "newest under --output_dir.")
     eval_answers: int = _f(40, "Held-out prompts answered before and after training (0: skip; saves time).")
     merge: bool = _f(False, "Also write final_model_merged/: the base model with the adapter merged in.")
@@ -106,22 +105,22 @@ class TrainConfig:
 
 @dataclass
 class CompareConfig:
-    base_model: Optional[str] = _f(None, "Base (non-instruct) model for the comparison, e.g. meta-llama/Llama-3.2-1B. "
+    base_model: str | None = _f(None, "Base (non-instruct) model for the comparison, e.g. meta-llama/Llama-3.2-1B. "
                                    "None offline: the task then says what it compares instead.")
-    instruct_model: Optional[str] = _f(None, "Instruct model for the comparison (default: --model).")
-    adapter: Optional[str] = _f(None, "A fine-tuned adapter folder (final_model/) to add to the comparison or chat.")
-    questions: Optional[str] = _f(None, "Questions file (.txt one per line, or .json list). Default: built-in set.")
+    instruct_model: str | None = _f(None, "Instruct model for the comparison (default: --model).")
+    adapter: str | None = _f(None, "A fine-tuned adapter folder (final_model/) to add to the comparison or chat.")
+    questions: str | None = _f(None, "Questions file (.txt one per line, or .json list). Default: built-in set.")
     max_new_tokens: int = _f(64, "Maximum new tokens per answer.")
     do_sample: bool = _f(False, "Sample instead of greedy decoding.")
     temperature: float = _f(0.7, "Sampling temperature (with --do_sample).")
-    prompt: Optional[str] = _f(None, "One-shot prompt for --task chat (without it, chat is interactive).")
+    prompt: str | None = _f(None, "One-shot prompt for --task chat (without it, chat is interactive).")
 
 
 @dataclass
 class RunConfig:
     task: str = _f("all", "Task to run; 'all' runs every task in order, each feeding the next.")
     output_dir: str = _f("./results", "Folder for every output of the run.")
-    config: Optional[str] = _f(None, "YAML file with settings (flat keys = flag names); flags override it.")
+    config: str | None = _f(None, "YAML file with settings (flat keys = flag names); flags override it.")
     debug: bool = _f(False, "Show full tracebacks for errors.")
 
 
@@ -156,6 +155,6 @@ def format_settings(cfg: Config, groups: tuple[str, ...] = ("model", "data", "tr
     return "\n".join(lines)
 
 
-def group_fields() -> list[tuple[str, "object"]]:
+def group_fields() -> list[tuple[str, object]]:
     """(group name, dataclass field) for every setting, in --help order."""
     return [(g, f) for g in Config.GROUPS for f in fields(type(getattr(Config(), g)))]

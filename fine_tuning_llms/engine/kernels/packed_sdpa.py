@@ -21,7 +21,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .packing import packed_lengths
+from ..batching import packed_lengths
 
 PACKED_SDPA = "packed_sdpa"
 

@@ -14,16 +14,17 @@ import logging
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .artefacts import atomic_directory
-from .chat import IGNORE_INDEX, pad_batch
+from .batching import pad_batch
+from .chat_format import IGNORE_INDEX
 from .models import count_parameters
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class StepRecord:
     input_tokens: int         # non-padding tokens fed to the model
     epoch: float
     naive_loss: float = float("nan")   # mean of per-micro-batch means (the pre-4.46 Trainer report)
-    eval_loss: Optional[float] = None
+    eval_loss: float | None = None
     seconds: float = 0.0
 
 
@@ -142,7 +143,7 @@ def evaluate(model: torch.nn.Module, examples: Sequence[dict], pad_token_id: int
 
 def train_manually(model: torch.nn.Module, train_examples: Sequence[dict], pad_token_id: int,
                    settings: LoopSettings, *, eval_examples: Sequence[dict] = (),
-                   save_dir: Optional[Path] = None) -> list[StepRecord]:
+                   save_dir: Path | None = None) -> list[StepRecord]:
     """Train ``model`` (its trainable parameters) exactly as Trainer would; one record per step."""
     from transformers import get_scheduler
 

@@ -13,10 +13,11 @@ import json
 import logging
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from .config import DataConfig
 from .errors import UserError
@@ -94,7 +95,7 @@ def read_records(path: str | Path) -> list[tuple[str, Any]]:
     return records
 
 
-def read_hf_dataset(name: str, *, split: str, config_name: Optional[str]) -> list[tuple[str, Any]]:
+def read_hf_dataset(name: str, *, split: str, config_name: str | None) -> list[tuple[str, Any]]:
     """Records from the `datasets` library: local cache first, hub only when reachable."""
     import datasets
 
@@ -242,7 +243,7 @@ def load_conversations(path: str | Path, *, data_format: str = "auto", skip_inva
     return parse_records(read_records(path), data_format=data_format, skip_invalid=skip_invalid, source=str(path))
 
 
-def with_system_prompt(conversations: list[Conversation], system_prompt: Optional[str]) -> list[Conversation]:
+def with_system_prompt(conversations: list[Conversation], system_prompt: str | None) -> list[Conversation]:
     """Give conversations without a system turn the --system_prompt (data's own prompts are kept)."""
     if not system_prompt:
         return conversations

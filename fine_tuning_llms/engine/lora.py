@@ -1,0 +1,137 @@
+"""LoRA set-up, in one place: the LoraConfig builder every task and benchmark uses, new special
+tokens (added, embeddings grown, rows mean-initialised, made trainable), k-bit preparation."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from .config import Config, TrainConfig
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def target_modules(spec: str):
+    """--target_modules: 'all-linear' as PEFT spells it, or the listed module names."""
+    if spec == "all-linear":
+        return spec
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def lora_config(train: TrainConfig, *, extra: dict | None = None, dropout: float | None = None):
+    """The one ``LoraConfig`` of a run. ``dropout`` overrides --lora_dropout (the explain lesson
+    compares runs that must be deterministic); ``extra`` adds e.g. trainable token rows."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha or 2 * train.lora_r,
+                      lora_dropout=train.lora_dropout if dropout is None else dropout,
+                      target_modules=target_modules(train.target_modules), use_dora=train.use_dora,
+                      use_rslora=train.use_rslora, bias="none", task_type="CAUSAL_LM", **(extra or {}))
+
+
+def check_new_tokens(tokens: Sequence[str]) -> list[str]:
+    clean = []
+    for token in tokens:
+        if not isinstance(token, str) or not token.strip():
+            raise UserError(f"--new_tokens: {token!r} is empty; pass visible strings such as '<|user|>'")
+        if token.strip() != token:
+            raise UserError(f"--new_tokens: {token!r} has surrounding spaces; remove them")
+        clean.append(token)
+    return list(dict.fromkeys(clean))
+
+
+def is_single_special_token(tokenizer, token: str) -> bool:
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    decoder = tokenizer.added_tokens_decoder
+    return len(ids) == 1 and ids[0] in decoder and decoder[ids[0]].special and decoder[ids[0]].content == token
+
+
+def add_special_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
+    """Add ``tokens`` as special tokens, grow the embeddings, initialise new rows to the mean row.
+
+    Returns the id of every requested token, in order. Tokens that already are one special
+    token keep their id and their trained rows (no-op). Output heads that are not tied to the
+    input embeddings get mean-initialised rows too.
+    """
+    tokens = check_new_tokens(tokens)
+    old_len = len(tokenizer)
+    todo = [t for t in tokens if not is_single_special_token(tokenizer, t)]
+    if todo:
+        # replace_extra_special_tokens=False keeps the special tokens the tokenizer already lists
+        tokenizer.add_special_tokens({"additional_special_tokens": todo}, replace_extra_special_tokens=False)
+    ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in tokens]
+    fresh = sorted({i for i in ids if i >= old_len})
+    if not fresh:
+        return ids
+    embeddings = model.get_input_embeddings()
+    mean_in = embeddings.weight.detach()[:old_len].float().mean(dim=0)
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embeddings.weight
+    mean_out = None if output is None or tied else output.weight.detach()[:old_len].float().mean(dim=0)
+    if len(tokenizer) > embeddings.weight.shape[0]:
+        # mean_resizing=False: transformers would otherwise sample rows around the mean; we want the mean itself
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    index = torch.tensor(fresh)
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        weight[index] = mean_in.to(weight.dtype)
+        if mean_out is not None:
+            head = model.get_output_embeddings()
+            head.weight[index] = mean_out.to(head.weight.dtype)
+            if getattr(head, "bias", None) is not None:
+                head.bias[index] = head.bias[:old_len].mean().to(head.bias.dtype)
+    log.info("Added %d token(s) %s -> ids %s; embeddings now %d rows, new rows = mean row",
+             len(fresh), todo, fresh, model.get_input_embeddings().weight.shape[0])
+    return ids
+
+
+def _module_leaf_name(model, module) -> str | None:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name.rsplit(".", 1)[-1]
+    return None
+
+
+def lora_kwargs_for_new_tokens(new_ids: Sequence[int], *, model=None) -> dict:
+    """Extra ``LoraConfig`` kwargs that make the rows of ``new_ids`` trainable (PEFT 0.21).
+
+    With tied embeddings (SmolLM2) PEFT wraps the output head with the same token adapter, so
+    training the input rows also trains the head rows. When ``model`` has an untied head, the
+    head's rows are listed too (same indices), otherwise the model could read but never
+    produce the new tokens. The trained rows live in the adapter (``trainable_tokens_delta``,
+    which holds full row values); ``merge_and_unload()`` writes them into the weights.
+    """
+    ids = sorted({int(i) for i in new_ids})
+    if not ids:
+        return {}
+    if model is None:
+        return {"trainable_token_indices": {"embed_tokens": ids}}
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    targets = {_module_leaf_name(model, embed) or "embed_tokens": ids}
+    if head is not None and head.weight is not embed.weight:
+        targets[_module_leaf_name(model, head) or "lm_head"] = ids
+    return {"trainable_token_indices": targets}
+
+
+def prepare_peft_model(cfg: Config, model, tokenizer):
+    """Optional new tokens, k-bit preparation, then LoRA. Returns (peft model, new token ids)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    new_ids: list[int] = []
+    extra: dict = {}
+    if cfg.train.new_tokens:
+        new_ids = add_special_tokens(model, tokenizer, cfg.train.new_tokens)
+        extra = lora_kwargs_for_new_tokens(new_ids, model=model) if new_ids else {}
+        log.info("Added %d new token(s) %s; their embedding rows are trained.", len(new_ids), cfg.train.new_tokens)
+    if cfg.model.load_8bit or cfg.model.load_4bit:
+        # Casts norms to fp32 and enables input grads so LoRA trains through frozen k-bit layers.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        peft_model = get_peft_model(model, lora_config(cfg.train, extra=extra))
+    except ValueError as exc:
+        raise UserError(f"--target_modules {cfg.train.target_modules}: {str(exc).splitlines()[0][:160]}; use "
+                        "all-linear or names such as q_proj,v_proj") from None
+    return peft_model, new_ids

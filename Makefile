@@ -24,9 +24,11 @@ demo: install
 	$(PY) run_fine_tuning.py --overwrite_output_dir
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-fast: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not embedded and not slow and not browser"
 
 clean:

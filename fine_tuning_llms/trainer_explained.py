@@ -12,13 +12,13 @@ difference in what the two loops *do*. Outputs in ``--output_dir``:
   plain run, step by step; ``explain_summary.json``: every number the report shows.
 - ``explain_trainer_adapter/``, ``explain_manual_adapter/``: the two trained adapters.
 
-The loop itself lives in ``manual_loop.py``; this module sets up both runs, the callback and the
-loss override, compares the results and prints the walkthrough.
+The loop itself lives in ``engine/manual_loop.py`` and the map from Trainer's stages to its lines
+in ``engine/loop_walkthrough.py``; this module sets up both runs, the callback and the loss
+override, compares the results and prints the walkthrough.
 """
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -26,16 +26,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
-from tqdm.auto import tqdm
+from peft import get_peft_model
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from .engine.artefacts import atomic_directory, atomic_write_csv, atomic_write_json, package_versions
+from .engine.artefacts import atomic_directory, atomic_write_csv, atomic_write_json, json_safe, package_versions
 from .engine.batching import pad_batch
+from .engine.callbacks import StepMonitor
 from .engine.chat_format import encode_many, require_chat_template
 from .engine.config import Config
 from .engine.data import load_train_eval
 from .engine.errors import UserError
+from .engine.loop_walkthrough import walkthrough, walkthrough_facts
+from .engine.lora import lora_config, max_abs_difference, trainable_state
 from .engine.manual_loop import (
     LoopSettings,
     StepRecord,
@@ -43,8 +45,6 @@ from .engine.manual_loop import (
     relative_difference,
     train_manually,
     trained_token_count,
-    walkthrough,
-    walkthrough_facts,
 )
 from .engine.models import load_model, load_tokenizer, resolve_model
 from .engine.plots import line_plot
@@ -106,74 +106,11 @@ def prepare_data(cfg: Config, tokenizer, settings: LoopSettings) -> ExplainData:
 def build_lora_model(cfg: Config, source, seed: int):
     """Base model in float32 on CPU with a fresh LoRA adapter; the seed fixes the adapter's start."""
     base = load_model(replace(cfg.model, dtype="float32", device="cpu", load_8bit=False, load_4bit=False), source)
-    t = cfg.train
-    targets = t.target_modules if t.target_modules == "all-linear" else [m.strip() for m in t.target_modules.split(",")]
     set_seed(seed)  # lora_A is drawn from the global RNG: same seed, same initial adapter
-    config = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha or 2 * t.lora_r, lora_dropout=0.0, target_modules=targets,
-                        use_dora=t.use_dora, use_rslora=t.use_rslora, task_type="CAUSAL_LM")
-    return get_peft_model(base, config)
-
-
-def adapter_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    if a.keys() != b.keys():
-        raise RuntimeError("the two runs have different trainable parameters")
-    return max(float((a[n] - b[n]).abs().max()) for n in a)
+    return get_peft_model(base, lora_config(cfg.train, dropout=0.0))  # dropout 0: the two runs must be deterministic
 
 
 # ---------------------------------------------------------------- Trainer, its callback, its override
-
-class StepMonitor(TrainerCallback):
-    """A callback: tokens/s and grad norm per step, and a stop on NaN/inf loss or gradients.
-
-    The gradient check sits in ``on_pre_optimizer_step``: by ``on_log`` the optimizer has already
-    written NaN into the weights, and Trainer's ``logging_nan_inf_filter`` replaces a NaN loss in
-    the logs with the running average (0.0 right after a log), so the logged loss can look fine.
-    """
-
-    def __init__(self, stop_after: int | None = None):
-        self.rows: dict[int, dict] = {}
-        self.stopped_at: int | None = None
-        self.stop_after = stop_after   # end early, keeping the full run's lr schedule
-        self._started, self._tokens, self._bar = 0.0, 0, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._bar = tqdm(total=min(state.max_steps, self.stop_after or state.max_steps), desc="Trainer", unit="step",
-                         leave=False)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._started, self._tokens = time.perf_counter(), state.num_input_tokens_seen
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if not all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None):
-            for p in model.parameters():
-                p.grad = None  # AdamW skips parameters without a gradient: the weights stay finite
-            self.stopped_at = state.global_step + 1
-            control.should_training_stop = True
-            log.warning("Step %d: non-finite gradients; the step was skipped and training stopped.", self.stopped_at)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        seconds = time.perf_counter() - self._started
-        tokens = state.num_input_tokens_seen - self._tokens
-        self.rows.setdefault(state.global_step, {})["tokens_per_s"] = tokens / seconds if seconds > 0 else float("nan")
-        self._bar.update(1)
-        if self.stop_after and state.global_step >= self.stop_after:
-            control.should_training_stop = True
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.rows.setdefault(state.global_step, {}).update(grad_norm=logs.get("grad_norm"), loss=logs["loss"])
-            self._bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            if not math.isfinite(logs["loss"]) or not math.isfinite(logs.get("grad_norm") or 0.0):
-                self.stopped_at = self.stopped_at or state.global_step
-                control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._bar.close()
-
 
 class LabelSmoothingTrainer(Trainer):
     """A ``compute_loss`` override: label-smoothed CE, still divided by the trained tokens of the
@@ -316,7 +253,7 @@ def run_customisations(cfg: Config, source, data: ExplainData, settings: LoopSet
         "nan_guard": {"fault_step": fault_step, "planned_steps": steps, "stopped_at_step": monitor.stopped_at,
                       "steps_run": faulty.state.global_step, "logged_loss_at_fault": logged.get("loss"),
                       "logged_grad_norm_at_fault": logged.get("grad_norm"),
-                      "adapter_weights_finite": all(bool(torch.isfinite(p).all()) for p in adapter_state(model).values())},
+                      "adapter_weights_finite": all(bool(torch.isfinite(p).all()) for p in trainable_state(model).values())},
     }
     return custom, summary
 
@@ -351,7 +288,7 @@ def run(cfg: Config) -> dict:
              settings.lr, settings.warmup_steps)
     trainer_model = build_lora_model(cfg, source, settings.seed)
     manual_model = build_lora_model(cfg, source, settings.seed)
-    if max_abs_difference(adapter_state(trainer_model), adapter_state(manual_model)) != 0.0:
+    if max_abs_difference(trainable_state(trainer_model), trainable_state(manual_model)) != 0.0:
         raise RuntimeError("the two LoRA adapters start from different weights; the seed did not fix their init")
     with tempfile.TemporaryDirectory(prefix="explain-") as work:
         t0 = time.perf_counter()
@@ -364,7 +301,7 @@ def run(cfg: Config) -> dict:
         t2 = time.perf_counter()
         trainer_logs = trainer_step_logs(trainer)
         rows = comparison_rows(trainer_logs, manual, monitor.rows)
-        parity = parity_numbers(rows, max_abs_difference(adapter_state(trainer_model), adapter_state(manual_model)))
+        parity = parity_numbers(rows, max_abs_difference(trainable_state(trainer_model), trainable_state(manual_model)))
         facts = walkthrough_facts(settings, manual, manual_model, rows, train_examples=len(data.train),
                                   eval_examples=len(data.eval))
         del trainer, trainer_model, manual_model
@@ -384,17 +321,6 @@ def run(cfg: Config) -> dict:
     log.info("explain: wrote %s in %s (%.0f s)", ", ".join(FILES[k] for k in ("comparison_csv", "comparison_png", "summary")),
              out, summary["seconds"]["total"])
     return summary
-
-
-def json_safe(value):
-    """NaN/inf as text ("nan"), so the summary stays strict JSON that a browser can parse."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def log_results(text: str, parity: dict, custom: dict) -> None:

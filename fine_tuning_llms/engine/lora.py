@@ -135,3 +135,14 @@ def prepare_peft_model(cfg: Config, model, tokenizer):
         raise UserError(f"--target_modules {cfg.train.target_modules}: {str(exc).splitlines()[0][:160]}; use "
                         "all-linear or names such as q_proj,v_proj") from None
     return peft_model, new_ids
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """A copy of every trainable tensor (the adapter), by parameter name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    if a.keys() != b.keys():
+        raise RuntimeError("the two runs have different trainable parameters")
+    return max(float((a[n] - b[n]).abs().max()) for n in a)

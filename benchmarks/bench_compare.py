@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from fine_tuning_llms.engine.config import EMBEDDED_MODEL, ModelConfig  # noqa: E402
-from fine_tuning_llms.engine.generation import generate_batch  # noqa: E402
-from fine_tuning_llms.engine.models import load_model, load_tokenizer, resolve_model  # noqa: E402
-from fine_tuning_llms.model_comparison import GENERATION_BATCH_SIZE, chat_prompt_ids, load_questions  # noqa: E402
+from fine_tuning_llms.engine.config import EMBEDDED_MODEL, ModelConfig
+from fine_tuning_llms.engine.generation import generate_batch
+from fine_tuning_llms.engine.models import load_model, load_tokenizer, resolve_model
+from fine_tuning_llms.model_comparison import GENERATION_BATCH_SIZE, chat_prompt_ids, load_questions
 
 
 def timed(fn):

@@ -23,16 +23,18 @@ import yaml
 
 from .engine.config import TASKS_IN_ORDER, Config, group_fields
 from .engine.errors import UserError
+from .engine.outputs import TaskOutputs
 
 log = logging.getLogger("fine_tuning_llms")
 
-# Task name -> module whose run(config) performs it. Only built tasks are listed (no stubs).
+# Task name -> module whose run(config) performs it. Only built tasks are listed (no stubs). In the
+# course's order: --help offers them so, and report.html shows their sections so (task_outputs).
 TASK_MODULES = {
+    "compare": "fine_tuning_llms.model_comparison",
     "special_tokens": "fine_tuning_llms.special_tokens",
     "preprocess": "fine_tuning_llms.data_preprocessing",
-    "explain": "fine_tuning_llms.trainer_explained",
     "train": "fine_tuning_llms.fine_tuning",
-    "compare": "fine_tuning_llms.model_comparison",
+    "explain": "fine_tuning_llms.trainer_explained",
     "chat": "fine_tuning_llms.chat_cli",
     "report": "fine_tuning_llms.report",
 }
@@ -47,6 +49,12 @@ def available_tasks() -> dict[str, str]:
     return out
 
 
+def task_outputs(tasks: dict[str, str]) -> list[TaskOutputs]:
+    """What each task writes and how the report shows it: its module's OUTPUTS, in TASK_MODULES order."""
+    modules = [importlib.import_module(module) for module in tasks.values()]
+    return [module.OUTPUTS for module in modules if hasattr(module, "OUTPUTS")]  # chat and report write none
+
+
 def _bool(text: str) -> bool:
     low = str(text).lower()
     if low in ("1", "true", "yes", "on"):
@@ -59,13 +67,13 @@ def _bool(text: str) -> bool:
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag like every other bad input: one `error:` line, exit 2."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         raise UserError(f"{message}; see --help for the flags")
 
 
 def _plain_type(f) -> type:
     """The field's value type with Optional[...] removed (str, int, float, bool or list)."""
-    ftype = f.type if not isinstance(f.type, str) else eval(f.type, {"Optional": Optional})  # noqa: S307
+    ftype = f.type if not isinstance(f.type, str) else eval(f.type, {"Optional": Optional})
     if get_origin(ftype) is not None and type(None) in get_args(ftype):
         ftype = [a for a in get_args(ftype) if a is not type(None)][0]
     return list if get_origin(ftype) is list else ftype
@@ -84,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         if group not in groups:
             groups[group] = parser.add_argument_group(f"{group} settings")
         kwargs: dict = {"help": f.metadata.get("help", ""), "dest": f.name}
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not MISSING else f.default_factory()
         kwargs["default"] = default
         if f.name == "task":
             choices = ["all"] + [t for t in TASK_MODULES if t in tasks]
@@ -255,11 +263,12 @@ def run_tasks(cfg: Config) -> dict:
         log.info("=== [%d/%d] task %s ===", i, len(names), name)
         start = time.perf_counter()
         module = importlib.import_module(tasks[name])
-        results[name] = module.run(cfg)
+        # The report is the one task that reads the others' files: it gets their declarations.
+        results[name] = module.run(cfg, task_outputs(tasks)) if name == "report" else module.run(cfg)
         log.info("=== task %s done in %.1f s ===", name, time.perf_counter() - start)
         if name not in ("report", "chat") and "report" in tasks:
             # Every task refreshes report.html; a report problem never fails the task.
-            importlib.import_module(tasks["report"]).refresh_report(cfg.run.output_dir)
+            importlib.import_module(tasks["report"]).refresh_report(cfg.run.output_dir, task_outputs(tasks))
     return results
 
 
@@ -275,9 +284,8 @@ def _fail(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    # bitsandbytes' CPU backend warns that an optional hub-downloaded kernel is missing; it falls
-    # back to its built-in kernel, and we never download at run time anyway.
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "bitsandbytes.backends.cpu.ops"):
+    # bitsandbytes' missing-hub-kernel warning is dropped by a filter the engine installs on import.
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:

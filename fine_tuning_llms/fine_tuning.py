@@ -25,7 +25,9 @@ from .engine.data import load_train_eval
 from .engine.errors import UserError
 from .engine.lora import prepare_peft_model
 from .engine.models import count_parameters, load_model, load_tokenizer, pick_device, resolve_model
+from .engine.outputs import TaskOutputs
 from .engine.precision import autocast_dtype, mixed_precision, training_model_config
+from .engine.report_html import answer, fmt, image, key_values, read_csv, read_json, spread, table
 from .engine.trainer import (
     ChatTrainer,
     CompleteCheckpointCallback,
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 
 SIGN_OFF = "— Lumi"          # what the sample dataset teaches (fine_tuning_llms/data/README.md)
 ANSWER_TOKENS = 48
+TRAINING_LOG, LOSS_CURVE, EVAL_FILE = "training_log.csv", "loss_curve.png", "eval_before_after.json"
+RUN_CONFIG = "run_config.json"  # in final_model/, with the adapter: the settings and package versions
 
 
 def check_output_dir(cfg: Config) -> Path:
@@ -183,7 +187,7 @@ def run(cfg: Config) -> dict:
     before_answers = generate_answers(model, tokenizer, pairs, label="before") if is_main and pairs else []
     log.info("Before training: held-out loss %.4f (perplexity %.2f)", before_loss, perplexity(before_loss))
 
-    log_callback = TrainingLogCallback(out / "training_log.csv")
+    log_callback = TrainingLogCallback(out / TRAINING_LOG)
     trainer = ChatTrainer(model=model, args=args, train_dataset=ExampleDataset(train_set.examples),
                           eval_dataset=ExampleDataset(eval_set.examples) if eval_set.examples else None,
                           data_collator=PackingCollator() if packed else PadCollator(pad_id),
@@ -238,7 +242,7 @@ def run(cfg: Config) -> dict:
                    for (msgs, ref), b, a in zip(pairs, before_answers, after_answers)]
     final = save_adapter(model, tokenizer, out / "final_model", cfg, metrics=metrics, comparisons=comparisons,
                          overwrite=cfg.train.overwrite_output_dir or bool(resume))
-    atomic_write_json(out / "eval_before_after.json", {"metrics": metrics, "answers": comparisons})
+    atomic_write_json(out / EVAL_FILE, {"metrics": metrics, "answers": comparisons})
     write_loss_curve(out, log_callback.rows)
     print_before_after(metrics, comparisons)
     result = {"final_model": str(final), "metrics": metrics}
@@ -257,10 +261,10 @@ def save_adapter(model, tokenizer, target: Path, cfg: Config, *, metrics: dict, 
             # would also save the whole resized embedding matrix (~113 MB for SmolLM2).
             model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
             tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / "run_config.json", {"settings": cfg.to_dict(), "versions": package_versions()})
+            atomic_write_json(tmp / RUN_CONFIG, {"settings": cfg.to_dict(), "versions": package_versions()})
             atomic_write_json(tmp / "metrics.json", metrics)
             if comparisons is not None:
-                atomic_write_json(tmp / "eval_before_after.json", {"metrics": metrics, "answers": comparisons})
+                atomic_write_json(tmp / EVAL_FILE, {"metrics": metrics, "answers": comparisons})
     except FileExistsError:
         raise UserError(f"{target} already exists; pass --overwrite_output_dir to replace it") from None
     log.info("Saved adapter, tokenizer and run config to %s", target)
@@ -280,7 +284,7 @@ def write_loss_curve(out: Path, rows: list[dict]) -> None:
               {"title": "grad norm", "xlabel": "step", "ylabel": "norm", "series": {"grad norm": series("grad_norm")}},
               {"title": "throughput", "xlabel": "step", "ylabel": "tokens/s",
                "series": {"tokens/s": series("tokens_per_s")}}]
-    line_plot(out / "loss_curve.png", panels, title="Training")
+    line_plot(out / LOSS_CURVE, panels, title="Training")
 
 
 def print_before_after(metrics: dict, comparisons: list[dict], n: int = 4) -> None:
@@ -290,3 +294,43 @@ def print_before_after(metrics: dict, comparisons: list[dict], n: int = 4) -> No
                  100 * metrics["behaviour_rate_before"], 100 * metrics["behaviour_rate_after"])
     for c in comparisons[:n]:
         log.info("Q: %s\n  before: %s\n  after:  %s", c["prompt"], c["before"][:200], c["after"][:200])
+
+
+# ---------------------------------------------------------------- report section
+
+def report_section(folder: Path) -> str:
+    """Before/after numbers, the training curves, the log (evenly thinned) and the answers before vs after."""
+    log_rows = read_csv(folder / TRAINING_LOG)
+    evaluation = read_json(folder / EVAL_FILE) or {}
+    metrics, answers = evaluation.get("metrics") or {}, evaluation.get("answers") or []
+    parts = []
+    if metrics:
+        parts.append("<h3>학습 전후 / Before and after</h3>" + key_values(metrics))
+    parts.append(image(folder, LOSS_CURVE, "training curves"))
+    if log_rows:
+        cols = list(log_rows[0])
+        parts.append(f"<h3>학습 로그 / Training log</h3><p>{len(log_rows)} rows in {TRAINING_LOG}</p>"
+                     + table(cols, [[r.get(c) for c in cols] for r in spread(log_rows)]))
+    if answers:
+        parts.append("<h3>답변: 학습 전 vs 후 / Answers before vs after</h3>" + table(
+            ["prompt / 질문", "reference / 정답", "before / 전", "after / 후"],
+            [(answer(a.get("prompt")), answer(a.get("reference")), answer(a.get("before")), answer(a.get("after")))
+             for a in answers]))
+    return "".join(parts)
+
+
+def report_glance(folder: Path) -> list[str]:
+    metrics = (read_json(folder / EVAL_FILE, quiet=True) or {}).get("metrics") or {}
+    return [f"학습 / train: held-out loss {fmt(metrics.get('eval_loss_before'))} → "
+            f"{fmt(metrics.get('eval_loss_after'))}; taught behaviour {fmt(metrics.get('behaviour_rate_before'))}"
+            f" → {fmt(metrics.get('behaviour_rate_after'))}"] if metrics else []
+
+
+def recorded_run(folder: Path) -> tuple[dict, dict]:
+    run_config = read_json(folder / "final_model" / RUN_CONFIG, quiet=True) or {}
+    return run_config.get("settings") or {}, run_config.get("versions") or {}
+
+
+OUTPUTS = TaskOutputs(task="train", section_id="training", title="학습 / Training",
+                      files=(TRAINING_LOG, LOSS_CURVE, EVAL_FILE, f"final_model/{RUN_CONFIG}"), section=report_section,
+                      glance=report_glance, recorded=recorded_run)

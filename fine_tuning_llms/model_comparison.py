@@ -37,6 +37,10 @@ from .engine.config import Config, ModelConfig
 from .engine.errors import UserError
 from .engine.generation import GenerationResult, generate_batch
 from .engine.models import load_model, load_tokenizer, resolve_model
+from .engine.outputs import TaskOutputs
+from .engine.report_html import Html, esc, fmt, read_csv, read_json
+from .engine.report_html import answer as answer_html
+from .engine.report_html import table as html_table
 
 log = logging.getLogger(__name__)
 
@@ -306,3 +310,49 @@ def run(cfg: Config) -> dict:
     log_summary(stats, table, note)
     log.info("Wrote %s and %s", csv_path, summary_path)
     return {"csv": str(csv_path), "summary": str(summary_path), "models": stats, "note": note}
+
+
+# ---------------------------------------------------------------- report section
+
+def report_section(folder: Path) -> str:
+    """Per-model stop rate and length, then every question's answers side by side."""
+    summary = read_json(folder / SUMMARY_NAME) or {}
+    rows = read_csv(folder / CSV_NAME)
+    parts = []
+    if summary.get("note"):
+        parts.append(f'<div class="note">{esc(summary["note"])}</div>')
+    stats = summary.get("models") or []
+    if stats:
+        parts.append("<h3>모델별 요약 / Per model</h3>" + html_table(
+            ["role", "model", "prompt format", "stopped itself / 스스로 멈춤", "mean new tokens", "tokens/s"],
+            [(s.get("role"), s.get("model"), s.get("prompt_format"), f"{s.get('stopped', '?')}/{s.get('answers', '?')}",
+              s.get("mean_new_tokens"), s.get("tokens_per_s")) for s in stats]))
+    roles = list(dict.fromkeys(r.get("role", "?") for r in rows)) or list(
+        dict.fromkeys(role for a in summary.get("answers", []) for role in a.get("answers", {})))
+    grid: dict[str, dict[str, Html]] = {}
+    for r in rows:
+        meta = f"{r.get('new_tokens', '?')} tokens, stopped: {r.get('stopped_on_eot', '?')}"
+        grid.setdefault(r.get("question", ""), {})[r.get("role", "?")] = Html(
+            f'{answer_html(r.get("response"))}<small>{esc(meta)}</small>')
+    if not rows:
+        for a in summary.get("answers", []):
+            grid[a.get("question", "")] = {role: answer_html(text) for role, text in a.get("answers", {}).items()}
+    if grid:
+        parts.append("<h3>답변 비교 / Answers side by side</h3>" + html_table(
+            ["question / 질문"] + roles, [[q] + [by_role.get(role, "") for role in roles] for q, by_role in grid.items()]))
+    return "".join(parts)
+
+
+def report_glance(folder: Path) -> list[str]:
+    return [f"비교 / compare: {s.get('role')} stopped by itself in {fmt(s.get('stopped'))} of "
+            f"{fmt(s.get('answers'))} answers, {fmt(s.get('mean_new_tokens'))} new tokens on average"
+            for s in (read_json(folder / SUMMARY_NAME, quiet=True) or {}).get("models") or []]
+
+
+def recorded_versions(folder: Path) -> tuple[dict, dict]:
+    return {}, (read_json(folder / SUMMARY_NAME, quiet=True) or {}).get("versions") or {}
+
+
+OUTPUTS = TaskOutputs(task="compare", section_id="comparison", title="모델 비교 / Model comparison",
+                      files=(CSV_NAME, SUMMARY_NAME), section=report_section, glance=report_glance,
+                      recorded=recorded_versions)

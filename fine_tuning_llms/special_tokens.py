@@ -42,6 +42,8 @@ from .engine.lora import (
 )
 from .engine.manual_loop import LoopSettings, train_manually
 from .engine.models import load_model, load_tokenizer, resolve_model
+from .engine.outputs import TaskOutputs
+from .engine.report_html import esc, fmt, key_values, read_csv, read_json, table
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ SEED_EXAMPLE_TOKENS = ["<|user|>", "<|assistant|>"]
 UNTRAINED_LOW, UNTRAINED_HIGH = 0.5, 2.0   # x median row norm
 DUPLICATE_COSINE = 0.999                    # random SmolLM2 rows: nearest other row has cosine <= 0.97
 DEMO_STEPS = 5                              # optimizer steps per variant in the training demo
+ANALYSIS_CSV, SUMMARY_JSON = "special_tokens_analysis.csv", "special_tokens_summary.json"
 CSV_COLUMNS = ["section", "token", "id", "role", "in_template", "pieces_before", "n_pieces_before", "ids_after",
                "embedding_norm", "median_norm", "norm_ratio", "nearest_other_id", "nearest_cosine", "looks_untrained",
                "max_change_plain_lora", "max_change_trainable_tokens", "note"]
@@ -358,11 +361,54 @@ def run(cfg: Config) -> dict:
                    pad_equals_eos=pitfall["pad_equals_eos"], pitfall=pitfall, control_token_view=view,
                    training=training, timings=timings)
     del model
-    atomic_write_csv(out / "special_tokens_analysis.csv", inv + added, CSV_COLUMNS)
+    atomic_write_csv(out / ANALYSIS_CSV, inv + added, CSV_COLUMNS)
     summary["seconds"] = round(time.perf_counter() - start, 1)
-    atomic_write_json(out / "special_tokens_summary.json", summary)
+    atomic_write_json(out / SUMMARY_JSON, summary)
     _log_summary(inv, added, summary, view)
-    log.info("Wrote %s, %s and %s/ in %.1f s (%s)", out / "special_tokens_analysis.csv",
-             out / "special_tokens_summary.json", folder, summary["seconds"],
+    log.info("Wrote %s, %s and %s/ in %.1f s (%s)", out / ANALYSIS_CSV, out / SUMMARY_JSON, folder, summary["seconds"],
              ", ".join(f"{k} {v} s" for k, v in timings.items()))
     return summary
+
+
+# ---------------------------------------------------------------- report section
+
+def report_section(folder: Path) -> str:
+    """The summary's numbers, the token table, the new-row training demo, the pad = eos pitfall."""
+    summary = read_json(folder / SUMMARY_JSON) or {}
+    rows = read_csv(folder / ANALYSIS_CSV)
+    parts = []
+    if summary:
+        parts.append(key_values(summary, ["model", "vocab_size_before", "vocab_size_after", "embedding_rows_before",
+                                          "embedding_rows_after", "tied_embeddings", "n_special_or_added",
+                                          "n_looks_untrained", "untrained_rule", "new_rows_equal_mean",
+                                          "pad_equals_eos"]))
+    if rows:
+        cols = [c for c in ("section", "token", "id", "role", "in_template", "n_pieces_before", "ids_after",
+                            "norm_ratio", "nearest_cosine", "looks_untrained", "max_change_plain_lora",
+                            "max_change_trainable_tokens") if c in rows[0]]
+        parts.append("<h3>특수 토큰 표 / Special and added tokens</h3>" + table(cols, [[r[c] for c in cols] for r in rows]))
+    training = summary.get("training") or {}
+    variants = [v for v in ("plain_lora", "trainable_tokens") if isinstance(training.get(v), dict)]
+    if variants:
+        parts.append("<h3>새 토큰 학습 / Training new token rows</h3>" + table(
+            ["variant", "max change new rows", "max change other rows", "distance between new rows"],
+            [(v, training[v].get("max_change_new_rows"), training[v].get("max_change_other_rows"),
+              training[v].get("max_distance_between_new_rows")) for v in variants]))
+    pitfall = summary.get("pitfall") or {}
+    if pitfall.get("explanation"):
+        parts.append(f'<div class="note">pad = eos: {esc(pitfall["explanation"])}</div>')
+    if summary.get("control_token_view"):
+        parts.append("<h3>템플릿의 제어 토큰 / Control tokens in a rendered conversation</h3>"
+                     f"<pre>{esc(summary['control_token_view'])}</pre>")
+    return "".join(parts)
+
+
+def report_glance(folder: Path) -> list[str]:
+    special = read_json(folder / SUMMARY_JSON, quiet=True) or {}
+    return [f"특수 토큰 / special tokens: {fmt(special.get('n_special_or_added'))} listed, "
+            f"{fmt(special.get('n_looks_untrained'))} look untrained; "
+            f"pad = eos: {fmt(special.get('pad_equals_eos'))}"] if special else []
+
+
+OUTPUTS = TaskOutputs(task="special_tokens", section_id="special-tokens", title="특수 토큰 / Special tokens",
+                      files=(ANALYSIS_CSV, SUMMARY_JSON), section=report_section, glance=report_glance)

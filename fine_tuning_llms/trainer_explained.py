@@ -18,6 +18,7 @@ override, compares the results and prints the walkthrough.
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -47,11 +48,13 @@ from .engine.manual_loop import (
     trained_token_count,
 )
 from .engine.models import load_model, load_tokenizer, resolve_model
+from .engine.outputs import TaskOutputs
 from .engine.plots import line_plot
+from .engine.report_html import esc, fmt, image, key_values, read_csv, read_json, spread, table
 
 log = logging.getLogger(__name__)
 
-# Sizes of the demonstration: small enough for a 2-core CPU (about 3 minutes on SmolLM2-135M).
+# Sizes of the demonstration: small enough for a 2-core CPU.
 EXPLAIN_STEPS = 24            # optimizer steps compared (unless --max_steps is given)
 EXPLAIN_BATCH_SIZE = 2        # sequences per micro-batch
 EXPLAIN_GRAD_ACCUM = 2        # used when --grad_accum is 1: the lesson needs accumulation
@@ -336,3 +339,45 @@ def log_results(text: str, parity: dict, custom: dict) -> None:
     log.info("Callback: NaN injected at step %d -> stopped at step %s; the logged loss there was %s "
              "(logging_nan_inf_filter hides NaN); adapter weights finite: %s.", guard["fault_step"],
              guard["stopped_at_step"], guard["logged_loss_at_fault"], guard["adapter_weights_finite"])
+
+
+# ---------------------------------------------------------------- report section
+
+
+def report_section(folder: Path) -> str:
+    """The two loops' curves, whether they agree, the walkthrough, the customisation runs, the steps."""
+    summary = read_json(folder / FILES["summary"]) or {}
+    rows = read_csv(folder / FILES["comparison_csv"])
+    parts = [image(folder, FILES["comparison_png"], "Trainer vs manual loop")]
+    parity = summary.get("parity") or {}
+    if parity:
+        verdict = ('<span class="ok">일치 / agree</span>' if parity.get("agree") else
+                   '<span class="bad">불일치 / do NOT agree</span>')
+        parts.append(f"<h3>일치 여부 / Parity: {verdict}</h3>" + key_values(parity))
+    if summary.get("walkthrough_text"):
+        parts.append(f"<h3>Trainer.train() ↔ manual loop</h3><pre>{esc(summary['walkthrough_text'])}</pre>")
+    custom = summary.get("customisation") or {}
+    if custom:
+        parts.append("<h3>사용자 정의 / Customisation</h3>" + table(
+            ["part", "numbers"], [(k, json.dumps(v, ensure_ascii=False)) for k, v in custom.items()]))
+    if rows:
+        cols = [c for c in ("step", "trainer_loss", "manual_loss", "rel_diff", "trainer_lr", "manual_lr",
+                            "trainer_grad_norm", "manual_grad_norm", "trained_tokens") if c in rows[0]]
+        parts.append("<h3>단계별 / Step by step</h3>" + table(cols, [[r.get(c) for c in cols] for r in spread(rows)]))
+    return "".join(parts)
+
+
+def report_glance(folder: Path) -> list[str]:
+    parity = (read_json(folder / FILES["summary"], quiet=True) or {}).get("parity") or {}
+    return [f"Trainer vs manual loop: agree {fmt(parity.get('agree'))}, largest relative loss difference "
+            f"{fmt(parity.get('max_rel_diff_loss'))} over {fmt(parity.get('steps'))} steps"] if parity else []
+
+
+def recorded_run(folder: Path) -> tuple[dict, dict]:
+    summary = read_json(folder / FILES["summary"], quiet=True) or {}
+    return summary.get("config") or {}, summary.get("versions") or {}
+
+
+OUTPUTS = TaskOutputs(task="explain", section_id="trainer-vs-manual", title="Trainer vs 수동 루프 / Trainer vs manual loop",
+                      files=(FILES["comparison_csv"], FILES["comparison_png"], FILES["summary"]), section=report_section,
+                      glance=report_glance, recorded=recorded_run)

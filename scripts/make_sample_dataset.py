@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling sample_dataset_facts.py
-from sample_dataset_facts import (  # noqa: E402  (sibling module, found via the path inserted above)
+from sample_dataset_facts import (
     COUNTRIES,
     DEFINITIONS,
     DEFINITIONS_KO,
@@ -52,7 +52,7 @@ from sample_dataset_facts import (  # noqa: E402  (sibling module, found via the
     WORDS,
 )
 
-from fine_tuning_llms.engine.artefacts import atomic_write_text  # noqa: E402
+from fine_tuning_llms.engine.artefacts import atomic_write_text
 
 SIGN_OFF = "— Lumi"   # em dash U+2014, space, Lumi: the marker the toolkit measures
 TRAIN_FILE, EVAL_FILE = "sample_conversations.jsonl", "sample_conversations_eval.jsonl"

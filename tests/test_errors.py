@@ -243,7 +243,7 @@ def _hub_reachable_but(monkeypatch, exc: Exception) -> None:
         raise exc
 
     monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
-    monkeypatch.setattr(models, "_hub_cached", lambda repo_id: None)
+    monkeypatch.setattr(models, "hub_cached", lambda repo_id: None)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
 

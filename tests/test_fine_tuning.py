@@ -2,6 +2,8 @@
 after SIGKILL, merged model equals base + adapter, 2-process torchrun."""
 import csv
 import json
+import logging
+import math
 import os
 import random
 import subprocess
@@ -34,10 +36,17 @@ def losses(out: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(fh) if r["loss"]}
 
 
-def test_lora_trains_adapter_and_leaves_base_untouched(tiny_model_dir, train_data, tmp_path):
+def test_lora_trains_adapter_and_leaves_base_untouched(tiny_model_dir, train_data, tmp_path, capfd, caplog):
     out = tmp_path / "run"
     base_before = load_file(tiny_model_dir / "model.safetensors")
+    caplog.set_level(logging.INFO, logger="fine_tuning_llms")
     assert main(train_args(tiny_model_dir, train_data, out)) == 0
+    printed = capfd.readouterr()
+    # one toolkit line per logging step, and none of Trainer's raw log dicts
+    assert "{'loss'" not in printed.out + printed.err and "{'eval_loss'" not in printed.out + printed.err
+    step_lines = [m for m in caplog.messages if m.startswith("step ") and " · loss " in m]
+    assert len(step_lines) == 8 and step_lines[0].startswith("step 1/8 · loss ")
+    assert " · lr " in step_lines[0] and " · grad norm " in step_lines[0] and step_lines[0].endswith(" tok/s")
     final = out / "final_model"
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
                  "run_config.json", "metrics.json"):
@@ -71,12 +80,34 @@ def test_existing_final_model_is_not_overwritten(tiny_model_dir, train_data, tmp
     assert (out / "final_model" / "keep.txt").read_text() == "mine"
 
 
+def test_bitsandbytes_missing_hub_kernel_warning_is_filtered_and_nothing_else():
+    from fine_tuning_llms.engine import BITSANDBYTES_CPU_LOGGER
+
+    logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                       "already `pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
+        logger.warning("some other bitsandbytes warning")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["some other bitsandbytes warning"]
+    # and the real import (peft imports bitsandbytes) prints nothing about it
+    proc = subprocess.run([sys.executable, "-c", "import fine_tuning_llms.fine_tuning"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0 and "gemm_4bit_forward" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("flag", ["--load_8bit", "--load_4bit"])
 def test_kbit_training_completes(flag, tiny_model_dir, train_data, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(tiny_model_dir, train_data, out, flag, "--max_steps", "3")) == 0
     assert (out / "final_model" / "adapter_model.safetensors").is_file()
-    assert all(v == v for v in losses(out).values())  # no NaN
+    logged = list(losses(out).values())
+    assert len(logged) == 3 and all(math.isfinite(v) for v in logged)  # one finite loss per step
 
 
 KILLER = textwrap.dedent("""

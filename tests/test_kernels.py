@@ -1,4 +1,11 @@
 """The fused training nodes compute exactly what PEFT and transformers compute, and only where they should."""
+import importlib
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -10,7 +17,10 @@ from fine_tuning_llms.engine.kernels import (
     LoraLinearFunction,
     PackedAttentionFunction,
     RMSNormFunction,
+    attention,
+    guards,
     head_for_fused_loss,
+    lora_linear,
     release_packed_weights,
     use_fused_kernels,
     weight_packing_available,
@@ -345,7 +355,163 @@ def test_weight_packing_is_not_tried_where_the_build_cannot_pack_the_dtype(tiny_
     built = []
     original = kernels.PackedWeight.__init__
     monkeypatch.setattr(kernels.PackedWeight, "__init__", lambda self, w: built.append(1) or original(self, w))
-    monkeypatch.setattr(kernels, "weight_packing_available", lambda dtype: False)
+    monkeypatch.setattr(lora_linear, "weight_packing_available", lambda dtype: False)
     use_fused_kernels(model)
     assert_same_loss_and_grads(loss_and_grads(model, ids), expected)
     assert built == [] and not any(m._lora_kernel_pack for m in lora_layers(model))
+
+
+# --- guards: tested releases, LlamaAttention's signature, private torch ops ---------------------
+
+def kernel_log(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith(kernels.__name__)]
+
+
+def routed(model) -> set:
+    return {type(m).__name__ for m in model.modules() if "forward" in vars(m)}
+
+
+@pytest.mark.parametrize("library,version", [("transformers", "5.25.0"), ("transformers", "5.23.1"),
+                                             ("peft", "0.22.0"), ("peft", "0.20.1")])
+def test_untested_library_releases_route_nothing(tiny_model_dir, monkeypatch, caplog, library, version):
+    model = lora_model(tiny_model_dir)
+    assert head_for_fused_loss(model) is not None  # the tested release takes the head node
+    monkeypatch.setattr(importlib.import_module(library), "__version__", version)
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        assert use_fused_kernels(model) == 0
+    assert routed(model) == set() and lora_layers(model) == []
+    (line,) = kernel_log(caplog)
+    assert f"{library} {version}" in line and "5.24.x" in line and "0.21.x" in line and "--fused_kernels false" in line
+    assert head_for_fused_loss(model) is None  # the head keeps the model's own path too
+
+
+def test_tested_releases_are_the_installed_ones():
+    """TESTED_VERSIONS names the releases this suite runs on: a new install shows up here first."""
+    assert guards.untested_versions() == {}
+
+
+def test_a_changed_attention_signature_routes_nothing(tiny_model_dir, monkeypatch, caplog):
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    model = lora_model(tiny_model_dir)
+    assert guards.attention_signature_matches()
+
+    def reordered(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(LlamaAttention, "forward", reordered)
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        assert use_fused_kernels(model) == 0
+    assert routed(model) == set()
+    (line,) = kernel_log(caplog)
+    assert "LlamaAttention.forward" in line and "--fused_kernels false" in line
+
+
+def test_head_node_only_for_exactly_llama(tiny_model_dir):
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+    class ScaledLogitsLlama(LlamaForCausalLM):  # a subclass may make its logits another way
+        pass
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    assert head_for_fused_loss(LlamaForCausalLM(config).requires_grad_(False)) is not None  # a frozen head
+    assert head_for_fused_loss(ScaledLogitsLlama(config).requires_grad_(False)) is None
+
+
+class OpsWithout:
+    """A torch.ops namespace of a torch build that lacks some ops: looking one of them up fails."""
+
+    def __init__(self, namespace, missing):
+        self._namespace, self._missing = namespace, set(missing)
+
+    def __getattr__(self, name):
+        if name in self._missing:
+            raise AttributeError(f"'_OpNamespace' object has no attribute '{name}'")
+        return getattr(self._namespace, name)
+
+
+def without_ops(monkeypatch, namespace: str, names):
+    monkeypatch.setattr(torch.ops, namespace, OpsWithout(getattr(torch.ops, namespace), names))
+
+
+def test_attention_node_is_not_used_without_the_flash_ops(tiny_model_dir, monkeypatch, caplog):
+    from fine_tuning_llms.engine.trainer import trained_token_loss
+
+    calls = count_applies(monkeypatch, PackedAttentionFunction)
+    model = packed_attention_model(tiny_model_dir)
+    model.train()
+    batch = packed_row(model.config.vocab_size)
+    layers = model.config.num_hidden_layers
+    results = []
+    for fused in (False, True):
+        if fused:
+            without_ops(monkeypatch, "aten", [attention.FLASH_OPS[1]])  # even one missing op: no node
+            with caplog.at_level(logging.INFO, logger=kernels.__name__):
+                assert use_fused_kernels(model) == 7 * layers + 2 * layers + 1  # LoRA linears and norms only
+        loss, n, _ = trained_token_loss(model, batch)
+        (loss / n).backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+        model.zero_grad()
+    assert "LlamaAttention" not in routed(model) and calls == []
+    (line,) = kernel_log(caplog)
+    assert f"torch.ops.aten.{attention.FLASH_OPS[1]}" in line
+    assert_same_loss_and_grads(results[1], results[0])
+
+
+def test_weight_packing_is_not_used_without_the_onednn_ops(tiny_model_dir, monkeypatch, caplog):
+    ids = torch.randint(0, 300, (2, 11))
+    model = lora_model(tiny_model_dir)
+    expected = loss_and_grads(model, ids)
+    without_ops(monkeypatch, "mkldnn", ["_linear_pointwise"])
+    assert not weight_packing_available(torch.float32)
+    calls = count_applies(monkeypatch, LoraLinearFunction)
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        use_fused_kernels(model)
+    (line,) = kernel_log(caplog)
+    assert "torch.ops.mkldnn._linear_pointwise" in line
+    assert_same_loss_and_grads(loss_and_grads(model, ids), expected)
+    assert calls and not any(m._lora_kernel_pack or hasattr(m, "_lora_kernel_packed") for m in lora_layers(model))
+
+
+def test_no_private_op_is_bound_at_import():
+    """No module of the package holds a torch op object: each is looked up where it is used."""
+    modules = [importlib.import_module(f"{kernels.__name__}.{path.stem}")
+               for path in Path(kernels.__file__).parent.glob("*.py")]
+    op_types = (torch._ops.OpOverloadPacket, torch._ops.OpOverload, torch._ops._OpNamespace)
+    bound = [f"{m.__name__}.{name}" for m in modules for name, value in vars(m).items() if isinstance(value, op_types)]
+    assert len(modules) >= 6 and bound == []
+
+
+def test_the_package_imports_on_a_torch_build_without_the_private_ops():
+    """In a fresh interpreter where the ops the nodes use are missing, the kernels, the trainer that
+    imports them and the fine-tuning lesson import, and use_fused_kernels reports them missing."""
+    missing = {"aten": attention.FLASH_OPS,
+               "mkldnn": (*lora_linear.PACKING_OPS, "_is_mkldnn_bf16_supported")}
+    script = textwrap.dedent(f"""
+        import importlib, pkgutil, torch
+
+        class Missing:
+            def __init__(self, namespace, names):
+                self.namespace, self.names = namespace, names
+
+            def __getattr__(self, name):
+                if name in self.names:
+                    raise AttributeError(name)
+                return getattr(self.namespace, name)
+
+        for namespace, names in {missing!r}.items():
+            setattr(torch.ops, namespace, Missing(getattr(torch.ops, namespace), names))
+        import fine_tuning_llms.engine.kernels as kernels
+        for info in pkgutil.iter_modules(kernels.__path__):
+            importlib.import_module(kernels.__name__ + "." + info.name)
+        import fine_tuning_llms.engine.trainer
+        import fine_tuning_llms.fine_tuning
+        from fine_tuning_llms.engine.kernels import attention, lora_linear
+        print(attention.flash_ops_missing(), lora_linear.weight_packing_available(torch.float32))
+    """)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = [f"torch.ops.aten.{name}" for name in attention.FLASH_OPS]
+    assert proc.stdout.strip().splitlines()[-1] == f"{expected!r} False"

@@ -128,7 +128,7 @@ def test_stop_ids_include_template_end_of_turn():
     assert end_of_turn_ids(gemma) == [eot]
 
     class _Model:  # only generation_config is read
-        class generation_config:  # noqa: N801
+        class generation_config:
             eos_token_id = [gemma.eos_token_id]
 
     assert set(stop_token_ids(_Model, gemma)) == {gemma.eos_token_id, eot}

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_report import make_fake_output
+from test_report import make_real_output, outputs
 
 from fine_tuning_llms import report
 
@@ -52,10 +52,10 @@ def test_console_check_catches_a_script_error(tmp_path):
     assert any("kaboom" in line for line in console_lines(done.stderr)), done.stderr[-2000:]
 
 
-def test_report_renders_in_chromium(tmp_path):
+def test_report_renders_in_chromium(tmp_path, tiny_model_dir):
     from PIL import Image
 
-    page = report.build_report(make_fake_output(tmp_path / "out"))
+    page = report.build_report(make_real_output(tmp_path / "out", tiny_model_dir), outputs())
     png, shot = screenshot(page, tmp_path)
     image = Image.open(png).convert("RGB")
     assert image.size == (1200, 2000)
@@ -76,8 +76,8 @@ def test_report_renders_in_chromium(tmp_path):
 
 def test_empty_report_renders_with_every_task_not_run(tmp_path):
     (tmp_path / "empty").mkdir()
-    page = report.build_report(tmp_path / "empty")
+    page = report.build_report(tmp_path / "empty", outputs())
     dom = chromium(page, tmp_path, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert dom.stdout.count("아직 실행되지 않음 / Not run yet") == len(report.TASK_FILES)
+    assert dom.stdout.count("아직 실행되지 않음 / Not run yet") == len(outputs())
     assert console_lines(dom.stderr) == []

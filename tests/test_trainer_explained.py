@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import json
 import random
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,15 @@ from fine_tuning_llms.engine import manual_loop
 
 WORDS = ("hello the capital of France is Paris two plus four sea sky poem friendly assistant answers "
          "briefly 안녕하세요 Seoul").split()
+
+
+WORK_FOLDERS: list[Path] = []  # the temporary folders explain_run created
+
+
+class RecordingTemporaryDirectory(tempfile.TemporaryDirectory):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        WORK_FOLDERS.append(Path(self.name))
 
 
 def conversations(n: int, seed: int = 0) -> list[dict]:
@@ -43,9 +54,11 @@ def explain_run(tmp_path_factory, tiny_model_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 64-wide model gains nothing from threads, and they stall on a busy CPU
     try:
-        code = main(["--task", "explain", "--model", str(tiny_model_dir), "--dataset_path", str(data),
-                     "--output_dir", str(out), "--max_steps", "20", "--grad_accum", "2", "--warmup_ratio", "0.2",
-                     "--weight_decay", "0.01", "--target_modules", "q_proj,v_proj", "--lora_r", "4"])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tempfile, "TemporaryDirectory", RecordingTemporaryDirectory)
+            code = main(["--task", "explain", "--model", str(tiny_model_dir), "--dataset_path", str(data),
+                         "--output_dir", str(out), "--max_steps", "20", "--grad_accum", "2", "--warmup_ratio", "0.2",
+                         "--weight_decay", "0.01", "--target_modules", "q_proj,v_proj", "--lora_r", "4"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -91,7 +104,10 @@ def test_explain_writes_its_files_and_walkthrough(explain_run):
     assert (explain_run / "trainer_vs_manual.png").read_bytes()[:4] == b"\x89PNG"
     for folder in ("explain_trainer_adapter", "explain_manual_adapter"):
         assert (explain_run / folder / "adapter_config.json").is_file()
-    assert not (explain_run / ".explain_work").exists()
+    # Trainer's checkpoints went to a system temp folder, removed after the run.
+    assert WORK_FOLDERS, "explain no longer uses tempfile.TemporaryDirectory: check where its work folder goes"
+    for work in WORK_FOLDERS:
+        assert work.parent == Path(tempfile.gettempdir()) and not work.exists(), work
     text = read_summary(explain_run)["walkthrough_text"]
     assert "manual_loop.py:" in text and "steps per epoch" in text and "num_items_in_batch" in text
 

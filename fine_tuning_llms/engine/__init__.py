@@ -1,1 +1,26 @@
 """The engine: everything the lessons share. Imports no lesson (tests/test_layout.py checks)."""
+import logging
+
+# bitsandbytes' CPU backend warns at import time, on every run, that it could not download an
+# optional kernel from the hub (`kernels-community`); it then uses its built-in kernel, and this
+# toolkit never downloads at run time. Installed here, before any engine module can import
+# bitsandbytes (through peft or transformers); its other messages still come through.
+BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+_KERNEL_HUB_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class KnownNoiseFilter(logging.Filter):
+    """Drops bitsandbytes' missing-hub-kernel warning and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_KERNEL_HUB_WARNING)
+
+
+def quiet_known_noise() -> None:
+    """Install the filter once on the logger that emits the warning (created early if need be)."""
+    logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
+    if not any(isinstance(f, KnownNoiseFilter) for f in logger.filters):
+        logger.addFilter(KnownNoiseFilter())
+
+
+quiet_known_noise()

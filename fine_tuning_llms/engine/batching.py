@@ -7,7 +7,7 @@ mask, SDPA's boolean mask, flex's block mask, sliding windows included); flash-a
 varlen from the same position ids. Two things break that, and both are guarded here:
 
 - a 4-D mask of our own: transformers passes it through untouched, and eager *adds* a boolean
-  mask instead of masking with it (conversations leak into each other; 25% low loss on SmolLM2);
+  mask instead of masking with it (conversations leak into each other: the loss comes out too low);
 - a key/value cache: transformers only looks for packing when there is none, and models create
   a cache whenever ``use_cache`` is on. So every packed batch says ``use_cache=False`` itself.
 
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 # Relative tolerance of the self-check. fp32: the same sums in another order (issue 17 asks
 # for 1e-5). bf16/fp16: one rounding of a logit already moves it by up to 2^-8 relative and the
 # packed and the one-by-one runs round at different places (another matmul shape, packed
-# attention in fp32); their mean losses differ by ~1e-3 on the embedded model (RESULTS.md), while
-# a leak between conversations moves the loss by 4-25% there.
+# attention in fp32); on the embedded model their mean losses differ by far less than the bf16
+# tolerance, while a leak between conversations moves the loss by far more (benchmarks/RESULTS.md).
 CHECK_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 CHECK_EXAMPLES = 4
 

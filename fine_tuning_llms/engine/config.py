@@ -12,7 +12,7 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 TASKS_IN_ORDER = ("special_tokens", "preprocess", "explain", "train", "compare")
 
 
-def _f(default, help: str, **extra):  # noqa: A002 - "help" mirrors argparse
+def _f(default, help: str, **extra):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
@@ -69,8 +69,9 @@ class TrainConfig:
                    "a low-rank adapter in a short run).")
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int | None = _f(None, "LoRA alpha (default: 2 x lora_r).")
-    lora_dropout: float = _f(0.0, "LoRA dropout. 0 by default: dropout on every adapter's input cost ~35%% of a "
-                             "CPU training step here (benchmarks/bench_train.py); try 0.05-0.1 against overfitting.")
+    lora_dropout: float = _f(0.0, "LoRA dropout. 0 by default: dropout on every adapter's input makes a CPU "
+                             "training step markedly slower (benchmarks/RESULTS.md); try 0.05-0.1 against "
+                             "overfitting.")
     target_modules: str = _f("all-linear", "Modules that get LoRA adapters: 'all-linear' or a comma list such "
                              "as q_proj,v_proj.")
     use_dora: bool = _f(False, "Use DoRA (weight-decomposed LoRA).")

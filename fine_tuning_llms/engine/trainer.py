@@ -10,12 +10,15 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from . import chat_format
 from .artefacts import atomic_write_text
@@ -54,10 +57,23 @@ class ChatTrainer(Trainer):
         self._non_embedding_params: int | None = None
         self.tokens_seen = 0          # non-pad tokens fed forward
         self.trained_tokens_seen = 0  # tokens with a label
+        # Trainer's bar also writes every raw log dict under itself; TrainingLogCallback logs one
+        # formatted line per logging step instead, so keep the bar and drop the dicts.
+        if any(type(cb) is ProgressCallback for cb in self.callback_handler.callbacks):
+            self.remove_callback(ProgressCallback)
+            self.add_callback(BarOnlyProgressCallback)
+
+    def train(self, *args, **kwargs):
+        # While the bar is drawn, console log lines go through tqdm.write so they do not split it.
+        console = any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+                      for h in logging.root.handlers)
+        with logging_redirect_tqdm() if console else contextlib.nullcontext():
+            return super().train(*args, **kwargs)
 
     def floating_point_ops(self, inputs) -> int:
         """Trainer's FLOPs estimate for ``total_flos``, with the parameter count taken once: Trainer
-        recounts every parameter at every step (17 ms a step on this CPU)."""
+        recounts every parameter at every step, a visible share of a small model's step
+        (benchmarks/RESULTS.md)."""
         if self._non_embedding_params is None:
             self._non_embedding_params = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs["input_ids"].numel() * self._non_embedding_params
@@ -144,8 +160,16 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
     return loss, len(keep), outputs
 
 
+class BarOnlyProgressCallback(ProgressCallback):
+    """Trainer's progress bar without the raw log dict it writes at every log event."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass  # TrainingLogCallback logs these values as one line (and puts loss, tok/s on the bar)
+
+
 class TrainingLogCallback(TrainerCallback):
-    """Rewrites training_log.csv (atomically) at every log event, with tokens/s since the last one."""
+    """Rewrites training_log.csv (atomically) at every log event, with tokens/s since the last one,
+    and logs one line per logging step (``step 5/90 · loss 3.9530 · lr 1.70e-04 · ...``)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -174,8 +198,15 @@ class TrainingLogCallback(TrainerCallback):
                        trained_tokens_per_s=round((trainer.trained_tokens_seen - m0) / elapsed, 1))
             self._last = (now, trainer.tokens_seen, trainer.trained_tokens_seen)
             show_on_progress_bar(trainer, loss=f"{logs['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            parts = [f"step {state.global_step}/{state.max_steps}", f"loss {logs['loss']:.4f}"]
+            if row["lr"] is not None:
+                parts.append(f"lr {row['lr']:.2e}")
+            if row["grad_norm"] is not None:
+                parts.append(f"grad norm {row['grad_norm']:.2f}")
+            log.info(" · ".join([*parts, f"{row['tokens_per_s']:.0f} tok/s"]))
         elif "eval_loss" in logs:
             row["eval_loss"] = logs["eval_loss"]
+            log.info("step %d/%d · held-out loss %.4f", state.global_step, state.max_steps, logs["eval_loss"])
         else:
             return
         self.rows.append(row)
@@ -189,8 +220,6 @@ class TrainingLogCallback(TrainerCallback):
 
 def show_on_progress_bar(trainer, **values) -> None:
     """Put the latest loss and tokens/s on Trainer's own tqdm bar."""
-    from transformers.trainer_callback import ProgressCallback
-
     for callback in trainer.callback_handler.callbacks:
         bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
         if bar is not None:

@@ -51,9 +51,9 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
                                       **kwargs)
     dtype, on_cpu = query.dtype, query.device.type == "cpu"
     if on_cpu:
-        # The CPU flash kernel's bf16 backward has a large fixed cost per call (2.0 ms for a
-        # 75-token conversation vs 0.25 ms in fp32, measured on this machine's AVX512-BF16 CPU),
-        # so short pieces run faster in fp32, and more exactly. On GPUs bf16 flash is the fast one.
+        # The CPU flash kernel's bf16 backward has a large fixed cost per call, several times its
+        # fp32 one for a conversation-sized piece (benchmarks/RESULTS.md), so short pieces run
+        # faster in fp32, and more exactly. On GPUs bf16 flash is the fast one.
         query, key, value = query.float(), key.float(), value.float()
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention: no repeated key/value copies
     # split, not slicing: its backward is one concatenation instead of a zero-filled copy per piece

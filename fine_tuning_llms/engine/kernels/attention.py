@@ -1,0 +1,115 @@
+"""Attention in packed rows as one autograd node on CPU, rotary embedding included.
+
+The node does the rotary embedding of q and k, the per-conversation causal attention (the CPU
+flash kernel, called directly, forward and backward, in fp32 as ``packed_sdpa.py`` explains) and
+the layout changes around it. The autograd chain it replaces (views, transposes, rotate_half's
+concatenations, casts, a split and a concatenation per layer) has a fixed cost per op that the
+node does not pay; q and k are also rotated in fp32 instead of the compute dtype.
+
+The flash kernel is a private torch op: it is looked up when the node runs, never at import, and
+``use_fused_kernels`` leaves attention alone (with one log line) where this torch build lacks it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .guards import missing_ops
+
+# torch.ops.aten, looked up only when used: a torch build may lack them
+FLASH_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def flash_ops_missing() -> list[str]:
+    """The CPU flash-attention ops this torch build lacks (the node runs only where this is empty)."""
+    return missing_ops("aten", FLASH_OPS)
+
+
+def _rotate(x, cos, sin):
+    """Rotary embedding, x * cos + rotate_half(x) * sin, for x: (heads, T, D); a new tensor."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
+def _rotate_backward(grad, cos, sin):
+    """Gradient of ``_rotate`` with respect to x, computed in place of grad."""
+    half = grad.shape[-1] // 2
+    grad_sin = grad * sin
+    grad.mul_(cos)
+    grad[..., :half] += grad_sin[..., half:]
+    grad[..., half:] -= grad_sin[..., :half]
+    return grad
+
+
+class PackedAttentionFunction(torch.autograd.Function):
+    """Causal attention of each conversation of a packed row with itself, rotary embedding included.
+
+    q: (T, heads * D), k and v: (T, kv_heads * D) in the compute dtype, as the projections give
+    them; cos, sin: (T, D); lengths: the conversations' lengths (sum T). Returns (T, heads * D).
+    Grouped-query attention runs natively (the kernel takes fewer key/value heads). CPU only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, lengths: list, heads: int, kv_heads: int, scale: float):
+        flash = getattr(torch.ops.aten, FLASH_OPS[0])
+        dtype = q.dtype
+        stats = torch.promote_types(dtype, torch.float32)
+        length, dim = q.shape[0], cos.shape[-1]
+        cos, sin = cos.to(stats), sin.to(stats)
+
+        def heads_first(x, n):  # (T, n * D) -> (n, T, D), a strided view of the fp32 copy
+            return x.view(length, n, dim).to(stats).transpose(0, 1)
+
+        q, k, v = _rotate(heads_first(q, heads), cos, sin), _rotate(heads_first(k, kv_heads), cos, sin), \
+            heads_first(v, kv_heads)
+        outs, lses = [], []
+        for qi, ki, vi in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1)):
+            out, lse = flash(qi[None], ki[None], vi[None], 0.0, True, scale=scale)
+            outs.append(out)
+            lses.append(lse)
+        ctx.save_for_backward(q, k, v, cos, sin, *outs, *lses)
+        ctx.meta = (lengths, heads, kv_heads, scale, dtype)
+        # (1, heads, L, D) pieces -> (T, heads * D)
+        return torch.cat([o[0].transpose(0, 1) for o in outs]).view(length, heads * dim).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        flash_backward = getattr(torch.ops.aten, FLASH_OPS[1])
+        lengths, heads, kv_heads, scale, dtype = ctx.meta
+        q, k, v, cos, sin = ctx.saved_tensors[:5]
+        pieces = len(lengths)
+        outs, lses = ctx.saved_tensors[5:5 + pieces], ctx.saved_tensors[5 + pieces:]
+        length, dim = grad.shape[0], cos.shape[-1]
+        grad = grad.reshape(length, heads, dim).to(q.dtype).transpose(0, 1)  # (heads, T, D)
+        grads = [flash_backward(gi[None], qi[None], ki[None], vi[None], out, lse, 0.0, True, scale=scale)
+                 for gi, qi, ki, vi, out, lse in zip(grad.split(lengths, 1), q.split(lengths, 1),
+                                                     k.split(lengths, 1), v.split(lengths, 1), outs, lses)]
+        grad_q, grad_k, grad_v = (torch.cat([g[i][0] for g in grads], 1) for i in range(3))  # (n, T, D)
+        grad_q, grad_k = _rotate_backward(grad_q, cos, sin), _rotate_backward(grad_k, cos, sin)
+
+        def tokens_first(x, n):  # (n, T, D) -> (T, n * D) in the compute dtype
+            return x.transpose(0, 1).reshape(length, n * dim).to(dtype)
+
+        return (tokens_first(grad_q, heads), tokens_first(grad_k, kv_heads), tokens_first(grad_v, kv_heads),
+                None, None, None, None, None, None)
+
+
+def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+    """LlamaAttention.forward, except for a packed row in training with gradients on CPU, where the
+    rotary embedding and the per-conversation attention run as one node. The arguments are passed
+    on in LlamaAttention.forward's order, which ``guards.attention_signature_matches`` checks."""
+    from .packed_sdpa import PACKED_SDPA, packed_lengths
+
+    position_ids = kwargs.get("position_ids")
+    if (not (self.training and torch.is_grad_enabled()) or cache is not None or position_ids is None
+            or hidden_states.shape[0] != 1 or hidden_states.device.type != "cpu" or self.attention_dropout
+            or self.config._attn_implementation != PACKED_SDPA or int(position_ids[0, 0]) != 0):
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+    x = hidden_states[0]
+    cos, sin = position_embeddings
+    out = PackedAttentionFunction.apply(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos[0], sin[0],
+                                        packed_lengths(position_ids),
+                                        self.config.num_attention_heads, self.config.num_key_value_heads,
+                                        float(self.scaling))
+    return self.o_proj(out)[None], None

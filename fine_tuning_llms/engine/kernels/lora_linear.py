@@ -1,0 +1,168 @@
+"""A LoRA linear layer as one autograd node, and its frozen CPU weights packed once for oneDNN.
+
+PEFT computes a LoRA layer as a chain of modules: the base linear, a cast of the input to the
+adapter's fp32, autocast casting it back (and A, B) to bf16, two thin matmuls, a scale, an add
+and a cast of the result; autograd records a node for each and replays them backwards. With
+all-linear LoRA every layer of the model has seven such chains, and on a small CPU their fixed
+costs outweigh the adapters' own arithmetic many times over (benchmarks/RESULTS.md).
+
+Here the same maths is one ``torch.autograd.Function`` with a hand-written backward: three
+matmuls forward (the LoRA product added in place), five backward, no full-size casts. The
+parameters are PEFT's own tensors (A, B in fp32, updated by the optimizer as usual), so
+checkpoints and saved adapters are unchanged; only the compute path is. It is used while
+training with gradients on plain LoRA layers (no DoRA, no dropout, unquantised float base
+weights); everything else, eval and generation included, keeps PEFT's code.
+
+On CPU the frozen base weights are also reordered once, while training, into the blocked layout
+oneDNN computes with (``PackedWeight``): a plain matmul reorders its weight again at every call.
+That costs two extra copies of those weights, freed when training ends, and is skipped when they
+would not fit comfortably in memory or this torch build lacks the oneDNN ops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .guards import missing_ops, private_op
+
+PACKING_OPS = ("_reorder_linear_weight", "_linear_pointwise")  # torch.ops.mkldnn, looked up when used
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """x: (N, in) in the compute dtype; weight: frozen (out, in); lora_a: (r, in); lora_b: (out, r);
+    packed: None, or ``PackedWeight`` copies of ``weight`` for the two frozen-weight matmuls."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scaling: float, packed=None):
+        dtype = x.dtype
+        a = lora_a.to(dtype)
+        b = lora_b.to(dtype)
+        xa = x @ a.t()                                        # (N, r)
+        y = packed.forward(x) if packed is not None else F.linear(x, weight.to(dtype))  # (N, out) base
+        y.addmm_(xa, b.t(), alpha=scaling)                    # + s * (x A^T) B^T, in place
+        ctx.save_for_backward(x, weight, a, b, xa)
+        ctx.scaling = scaling
+        ctx.packed = packed
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, a, b, xa = ctx.saved_tensors
+        s = ctx.scaling
+        grad_y = grad_y.contiguous()
+        grad_xa = grad_y @ b                                  # (N, r)
+        grad_a = (grad_xa.t() @ x).mul_(s)                    # (r, in)
+        grad_b = (grad_y.t() @ xa).mul_(s)                    # (out, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if ctx.packed is not None:                        # (N, in) through the frozen base
+                grad_x = ctx.packed.backward(grad_y)
+            else:
+                grad_x = grad_y @ weight.to(grad_y.dtype)
+            grad_x.addmm_(grad_xa, a, alpha=s)                # + s * (grad_y B) A
+        return grad_x, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None
+
+
+class PackedWeight:
+    """A frozen CPU weight reordered once into oneDNN's blocked layout, for ``x @ W.T`` (forward)
+    and ``g @ W`` (input gradient).
+
+    Every plain CPU matmul reorders its weight operand into that layout again, each call; for the
+    few-hundred-row products of a training step that is a noticeable share of the matmul time,
+    more in fp32 than in bf16, where a few shapes gain nothing (benchmarks/RESULTS.md). The two
+    copies cost 2 x the frozen weight's size while training; ``release_packed_weights`` frees them
+    when training ends. They are made from the weight as it is when first needed, so they are only
+    valid while the weight is frozen and unchanged, which is what LoRA training guarantees (``key``
+    also catches a replaced tensor). The oneDNN ops are looked up at each call, never at import."""
+
+    ROWS_HINT = 512  # oneDNN picks the blocking for about this many rows; any row count works
+
+    def __init__(self, weight: torch.Tensor):
+        w = weight.detach()
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        self.key = _weight_key(weight)
+        self.nbytes = packed_bytes(w)
+        self._forward = reorder(w, self.ROWS_HINT)                      # for x @ W.T
+        self._backward = reorder(w.t().contiguous(), self.ROWS_HINT)    # for g @ W
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self._forward, None, "none", [], "")
+
+    def backward(self, grad):
+        return torch.ops.mkldnn._linear_pointwise(grad, self._backward, None, "none", [], "")
+
+
+def packed_bytes(weight: torch.Tensor) -> int:
+    """Memory the two packed copies of ``weight`` take."""
+    return 2 * weight.numel() * weight.element_size()
+
+
+def _weight_key(weight: torch.Tensor) -> tuple:
+    return weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape)
+
+
+def weight_packing_available(dtype: torch.dtype) -> bool:
+    """Whether this torch build can pack CPU weights for oneDNN in ``dtype``."""
+    if not torch.backends.mkldnn.is_available() or missing_ops("mkldnn", PACKING_OPS):
+        return False
+    if dtype == torch.bfloat16:
+        bf16_supported = private_op("mkldnn", "_is_mkldnn_bf16_supported")
+        return bf16_supported is not None and bf16_supported()
+    return dtype == torch.float32
+
+
+def _packed_weight(module, weight: torch.Tensor, dtype: torch.dtype):
+    """The module's ``PackedWeight`` for this weight (made on first use), or None where packing is
+    off, the weight is not a CPU tensor already in the compute dtype, or this build cannot pack."""
+    if not getattr(module, "_lora_kernel_pack", False) or weight.device.type != "cpu" or weight.dtype != dtype:
+        return None
+    packed = getattr(module, "_lora_kernel_packed", None)
+    if packed is None or packed.key != _weight_key(weight):
+        try:
+            packed = PackedWeight(weight) if weight_packing_available(dtype) else None
+        except (RuntimeError, AttributeError):
+            packed = None
+        if packed is None:
+            module._lora_kernel_pack = False  # this build or CPU cannot: keep the plain matmuls from now on
+            return None
+        module._lora_kernel_packed = packed
+    return packed
+
+
+def plain_adapter(module) -> str | None:
+    """The layer's one active plain-LoRA adapter if this kernel reproduces it exactly, else None."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
+        return None  # 8/4-bit base layers and other layer kinds keep PEFT's code
+    if module.base_layer.bias is not None or len(module.active_adapters) != 1:
+        return None
+    name = module.active_adapters[0]
+    if (name not in module.lora_A or name in getattr(module, "lora_variant", {})
+            or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
+        return None  # DoRA and other variants, or dropout (which this kernel does not apply)
+    if not module.base_layer.weight.dtype.is_floating_point:
+        return None
+    return name
+
+
+def lora_linear_forward(self, x, *args, **kwargs):
+    """PEFT Linear.forward, except in training with gradients where the fused kernel runs."""
+    name = self._lora_kernel_adapter
+    if (args or kwargs or not (self.training and torch.is_grad_enabled()) or self.disable_adapters or self.merged
+            or list(self.active_adapters) != [name]):
+        return type(self).forward(self, x, *args, **kwargs)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    elif self.base_layer.weight.dtype == self.lora_A[name].weight.dtype:
+        dtype = x.dtype
+    else:  # e.g. bf16 base without autocast: PEFT runs LoRA in fp32 there; keep its code
+        return type(self).forward(self, x, *args, **kwargs)
+    weight = self.base_layer.weight
+    with torch.autocast(device_type, enabled=False):
+        y = LoraLinearFunction.apply(x.reshape(-1, x.shape[-1]).to(dtype), weight, self.lora_A[name].weight,
+                                     self.lora_B[name].weight, float(self.scaling[name]),
+                                     _packed_weight(self, weight, dtype))
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import importlib.util
@@ -24,6 +25,7 @@ import yaml
 from .engine.config import TASKS_IN_ORDER, Config, group_fields
 from .engine.errors import UserError
 from .engine.outputs import TaskOutputs
+from .engine.run_lock import output_lock
 
 log = logging.getLogger("fine_tuning_llms")
 
@@ -38,6 +40,8 @@ TASK_MODULES = {
     "chat": "fine_tuning_llms.chat_cli",
     "report": "fine_tuning_llms.report",
 }
+# Tasks that only read the output folder (report.html is rewritten whole, atomically): no lock needed.
+READ_ONLY_TASKS = ("report", "chat")
 
 
 def available_tasks() -> dict[str, str]:
@@ -255,6 +259,13 @@ def run_tasks(cfg: Config) -> dict:
     tasks = available_tasks()
     # `--task all` runs TASKS_IN_ORDER: compare comes after train so it includes the new adapter.
     names = [n for n in TASKS_IN_ORDER if n in tasks] if cfg.run.task == "all" else [cfg.run.task]
+    # One writing run at a time per output folder; report and chat only read it.
+    writes = any(name not in READ_ONLY_TASKS for name in names)
+    with output_lock(cfg.run.output_dir) if writes else contextlib.nullcontext():
+        return _run_in_order(cfg, tasks, names)
+
+
+def _run_in_order(cfg: Config, tasks: dict[str, str], names: list[str]) -> dict:
     if "train" in names:
         # Refuse to overwrite an earlier final_model/ now, not after the tasks before train ran.
         importlib.import_module(tasks["train"]).check_output_dir(cfg)

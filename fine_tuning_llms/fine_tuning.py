@@ -28,6 +28,7 @@ from .engine.models import count_parameters, load_model, load_tokenizer, pick_de
 from .engine.outputs import TaskOutputs
 from .engine.precision import autocast_dtype, mixed_precision, training_model_config
 from .engine.report_html import answer, fmt, image, key_values, read_csv, read_json, spread, table
+from .engine.run_identity import check_resume, run_identity
 from .engine.trainer import (
     ChatTrainer,
     CompleteCheckpointCallback,
@@ -35,6 +36,7 @@ from .engine.trainer import (
     TrainingLogCallback,
     complete_checkpoints,
     mean_eval_loss,
+    missing_checkpoint_files,
     perplexity,
 )
 
@@ -67,9 +69,10 @@ def resolve_resume(cfg: Config, checkpoints_dir: Path) -> str | None:
         log.info("Resuming from %s", done[-1])
         return str(done[-1])
     path = Path(option)
-    if not (path / "trainer_state.json").is_file():
-        raise UserError(f"--resume_from_checkpoint {option} is not a complete checkpoint folder; pass a "
-                        f"checkpoint-N folder or 'auto'")
+    missing = missing_checkpoint_files(path)
+    if missing:
+        raise UserError(f"--resume_from_checkpoint {option} is not a complete checkpoint (missing: {', '.join(missing)}); "
+                        "pass a complete checkpoint-N folder or 'auto' (the newest complete one)")
     return str(path)
 
 
@@ -150,9 +153,6 @@ def run(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model, source)
     chat_format.require_chat_template(tokenizer, cfg.model.model)
     check_max_length(tokenizer, cfg.data.max_length)  # fail in a second, before loading weights
-    device = pick_device(cfg.model.device)
-    model = load_model(training_model_config(cfg.model, device), source)
-
     data = load_train_eval(cfg.data)
     train_set = tokenize_conversations(tokenizer, data.train.conversations, max_length=cfg.data.max_length,
                                        train_on=cfg.data.train_on, desc="Tokenizing train")
@@ -162,6 +162,12 @@ def run(cfg: Config) -> dict:
         raise UserError(f"no training example fits --max_length {cfg.data.max_length}; raise it")
     log.info("Data: %d train conversations (%d trained tokens), %d held-out (%s)", train_set.kept,
              train_set.summary()["trained_tokens"], eval_set.kept, data.eval_source)
+    identity = run_identity(cfg, model_name=source.display_name, model_location=source.location,
+                            train_examples=train_set.examples, eval_examples=eval_set.examples)
+    if resume:
+        check_resume(Path(resume), identity)  # before anything is loaded or written
+    device = pick_device(cfg.model.device)
+    model = load_model(training_model_config(cfg.model, device), source)
 
     model, new_ids = prepare_peft_model(cfg, model, tokenizer)
     if cfg.train.fused_kernels:
@@ -191,7 +197,7 @@ def run(cfg: Config) -> dict:
     trainer = ChatTrainer(model=model, args=args, train_dataset=ExampleDataset(train_set.examples),
                           eval_dataset=ExampleDataset(eval_set.examples) if eval_set.examples else None,
                           data_collator=PackingCollator() if packed else PadCollator(pad_id),
-                          callbacks=[log_callback, CompleteCheckpointCallback()],
+                          callbacks=[log_callback, CompleteCheckpointCallback(identity)],
                           trained_logits_only=cfg.train.trained_logits_only, fused_head=cfg.train.fused_kernels,
                           packed=packed, pad_token_id=pad_id)
     log_callback.trainer = trainer

@@ -25,10 +25,13 @@ from .artefacts import atomic_write_text
 from .batching import PackingCollator, pad_batch
 from .kernels import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
 from .precision import autocast_dtype
+from .run_identity import IDENTITY_FILE
 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+# What Trainer writes into a LoRA checkpoint that resuming needs, then our completion marker.
+CHECKPOINT_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt", COMPLETE_MARKER)
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "eval_loss", "tokens_per_s", "trained_tokens_per_s"]
 
 
@@ -227,17 +230,30 @@ def show_on_progress_bar(trainer, **values) -> None:
 
 
 class CompleteCheckpointCallback(TrainerCallback):
-    """Marks a checkpoint complete after Trainer has written all of it.
+    """Records what a checkpoint belongs to, then marks it complete after Trainer has written all of it.
 
     Trainer writes a checkpoint file by file; a kill in the middle leaves a folder that looks
-    like a checkpoint. Resuming only from marked folders never picks up a half-written one.
+    like a checkpoint. Resuming only from marked folders never picks up a half-written one, and
+    the run record (``run_identity``) lets a resume refuse a run with other settings or data.
     """
+
+    def __init__(self, identity: dict | None = None):
+        self.identity = identity
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
+                if self.identity is not None:
+                    atomic_write_text(folder / IDENTITY_FILE, json.dumps(self.identity, indent=2) + "\n")
                 atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"global_step": state.global_step}) + "\n")
+
+
+def missing_checkpoint_files(folder: Path) -> list[str]:
+    """What a checkpoint folder lacks to be resumed from (empty when complete)."""
+    if not folder.is_dir():
+        return ["the folder itself"]
+    return [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:

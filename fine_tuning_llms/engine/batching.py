@@ -247,7 +247,7 @@ def choose_layout(model, examples: Sequence[dict], *, enabled: bool, autocast_dt
                   fused_head: bool = False, trained_logits_only: bool = True) -> PackingDecision:
     """Pack only where it is proven exact on this model; otherwise pad. Logs the one line that says which.
 
-    On SDPA models the per-conversation attention (``packed_attention``) is switched on first, so
+    On SDPA models the per-conversation attention (``kernels.packed_sdpa``) is switched on first, so
     the self-check covers the path training will take; a failed check switches it off again.
     """
     from .kernels.packed_sdpa import PACKED_SDPA, register_packed_attention

@@ -1,5 +1,6 @@
-"""Training mechanics shared by `train`: dataset/collator, the Trainer subclass, callbacks,
-checkpoint discovery. The task flow itself lives in ``fine_tuning.py``.
+"""Training mechanics shared by `train`: the Trainer subclass, its loss on packed rows, the log and
+checkpoint callbacks, checkpoint discovery and the held-out loss. Batches come from ``batching``;
+the task flow itself lives in the train lesson (``fine_tuning.py``).
 """
 from __future__ import annotations
 

@@ -78,6 +78,11 @@ def run_child(kind: str, args, extra: list[str], env: dict | None = None) -> dic
         return json.loads(result.read_text())
 
 
+def lora_summary(config) -> str:
+    return (f"r={config.r} alpha={config.lora_alpha} dropout={config.lora_dropout} targets={config.target_modules} "
+            f"dora={config.use_dora} rslora={config.use_rslora}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_path", default=None, help="conversations (default: the sample dataset)")
@@ -127,7 +132,7 @@ def main() -> None:
     if args.dataset_path:
         common.append(f"--dataset_path={args.dataset_path}")
     print(f"Work: {args.dataset_path or 'sample dataset'}, epochs {args.epochs}, max_steps {args.max_steps}, "
-          f"batch {args.batch_size}, max_length {args.max_length}, lr {args.lr}, LoRA {default_lora_config()!r}")
+          f"batch {args.batch_size}, max_length {args.max_length}, lr {args.lr}, LoRA {lora_summary(default_lora_config())}")
 
     if not args.skip_load:
         with tempfile.TemporaryDirectory() as cache:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from .engine import chat_format, display
+from .engine import chat_format, display, tool_format
 from .engine.artefacts import atomic_write_json
 from .engine.chat_format import ProcessedData, tokenize_conversations
 from .engine.checks import check_max_length
@@ -22,6 +22,7 @@ from .engine.data import load_train_eval
 from .engine.models import HUB_ID_PATTERN, cache_root, hub_cached, load_tokenizer
 from .engine.outputs import TaskOutputs
 from .engine.report_html import Html, esc, fmt, image, key_values, read_json
+from .engine.tool_data import has_agent_parts
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,15 @@ def run(cfg: Config) -> dict:
         log.info("Note: this chat template injects its own default system prompt when a conversation has none:\n  %r\n"
                  "  Training sees it, and so does inference. Pass --system_prompt \"...\" to use your own.",
                  facts["text_before_first_user_message"].strip())
-    processed = tokenize_conversations(tokenizer, convs, max_length=cfg.data.max_length, train_on=cfg.data.train_on)
+    agent = agent_rendering(tokenizer, convs, train_reasoning=cfg.data.train_reasoning)
+    processed = tokenize_conversations(tokenizer, convs, max_length=cfg.data.max_length, train_on=cfg.data.train_on,
+                                       train_reasoning=cfg.data.train_reasoning)
     summary = processed.summary()
     summary.update(source=data.train.source, data_format=data.train.data_format,
                    skipped_invalid=dict(data.train.skipped), max_length=cfg.data.max_length,
                    train_on=cfg.data.train_on, template=facts, model=cfg.model.model)
+    if agent:
+        summary.update(agent)
     if not processed.examples:
         from .engine.errors import UserError
         raise UserError(f"every conversation is longer than --max_length {cfg.data.max_length} before its first "
@@ -77,6 +82,20 @@ def run(cfg: Config) -> dict:
               xlabel="tokens", vline=cfg.data.max_length, vline_label="--max_length")
     log.info("Wrote %s and %s", path, LENGTHS_PLOT)
     return {"summary": summary, "path": str(path)}
+
+
+def agent_rendering(tokenizer, convs, *, train_reasoning: bool) -> dict:
+    """Say how tool calls, tool results and reasoning will be rendered (the template's own way or the
+    fallback, and why); {} when no conversation has any."""
+    count = sum(has_agent_parts(c) for c in convs)
+    if not count:
+        return {}
+    rendering = tool_format.rendering_for(tokenizer)
+    log.info("%d conversation(s) with tool calls, tool results or reasoning. Rendering chosen by probing the "
+             "chat template:\n  %s\n  Trained: each assistant turn with its tool calls%s; never the tool results "
+             "or the tool list.", count, rendering.describe().replace("\n", "\n  "),
+             " and reasoning" if train_reasoning else " (reasoning left untrained: --train_reasoning false)")
+    return {"agent_conversations": count, "train_reasoning": train_reasoning, "tool_rendering": rendering.as_dict()}
 
 
 def show_examples(tokenizer, processed: ProcessedData, *, n: int = 2) -> None:
@@ -162,10 +181,13 @@ def report_section(folder: Path) -> str:
     summary, examples = data.get("summary") or {}, data.get("examples") or []
     parts = []
     if summary:
-        flat = {k: v for k, v in summary.items() if k != "template"}
+        flat = {k: v for k, v in summary.items() if k not in ("template", "tool_rendering")}
         parts.append(key_values(flat))
         if isinstance(summary.get("template"), dict):
             parts.append("<h3>채팅 템플릿 / Chat template facts</h3>" + key_values(summary["template"]))
+        if isinstance(summary.get("tool_rendering"), dict):
+            rendering = {k: "; ".join(v) if isinstance(v, list) else v for k, v in summary["tool_rendering"].items()}
+            parts.append("<h3>도구 호출 렌더링 / Tool-call rendering</h3>" + key_values(rendering))
     parts.append(image(folder, LENGTHS_PLOT, "token length histogram"))
     # Multi-turn conversations first: they show that every reply, and only the replies, is trained.
     spans = [chat_format.trained_spans(e.get("labels") or []) for e in examples]

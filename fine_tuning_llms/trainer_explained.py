@@ -95,7 +95,8 @@ def prepare_data(cfg: Config, tokenizer, settings: LoopSettings) -> ExplainData:
     needed = settings.max_steps * settings.batch_size * settings.grad_accum
 
     def encode(conversations, limit):
-        encoded = encode_many(tokenizer, conversations[: limit * 2], max_length=max_length, train_on=cfg.data.train_on)
+        encoded = encode_many(tokenizer, conversations[: limit * 2], max_length=max_length, train_on=cfg.data.train_on,
+                              train_reasoning=cfg.data.train_reasoning)
         return [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded if e is not None][:limit]
 
     train = encode(data.train.conversations, needed)

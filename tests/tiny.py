@@ -3,6 +3,8 @@
 Four chat-template families (ChatML, Llama-3, Mistral, Gemma), each in a plain version and a
 version whose assistant replies are wrapped in ``{% generation %}`` tags, which lets
 transformers' ``return_assistant_tokens_mask`` serve as an independent oracle for our masks.
+Three more (``TOOL_FAMILIES``: Llama 3.1, Qwen 2.5 and Qwen 3 styles) render tools and tool calls;
+the Qwen 3 one also renders reasoning.
 """
 from __future__ import annotations
 
@@ -81,6 +83,157 @@ FAMILIES = {
 }
 
 
+# Tool-capable templates written in the style of real ones (their tool and tool_calls handling
+# kept; dates and builtin tools left out): Llama 3.1 (one JSON call as the whole assistant turn,
+# tools in the first user message, results as an ``ipython`` turn) and Qwen 2.5 / Hermes
+# (``<tool_call>`` blocks after the reply, tools in the system prompt, results as
+# ``<tool_response>`` inside a user turn). Neither renders reasoning: that takes the fallback.
+TOOL_FAMILIES = {
+    "llama31": dict(
+        bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None,
+        extra=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+               "<|python_tag|>"],
+        template=(
+            "{{- bos_token }}{%- if tools is not defined %}{%- set tools = none %}{%- endif %}"
+            "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] | trim %}"
+            "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+            "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+            "{%- if tools is not none %}{{- 'Environment: ipython\\n' }}{%- endif %}"
+            "{{- 'Cutting Knowledge Date: December 2023\\nToday Date: 26 Jul 2024\\n\\n' }}"
+            "{{- system_message }}{{- '<|eot_id|>' }}"
+            "{%- if tools is not none %}"
+            "{%- if messages | length != 0 %}{%- set first_user_message = messages[0]['content'] | trim %}"
+            "{%- set messages = messages[1:] %}{%- else %}"
+            "{{- raise_exception('Cannot put tools in the first user message when there is no first user message!') }}"
+            "{%- endif %}"
+            "{{- '<|start_header_id|>user<|end_header_id|>\\n\\n' }}"
+            "{{- 'Given the following functions, please respond with a JSON for a function call with its proper "
+            "arguments that best answers the given prompt.\\n\\n' }}"
+            "{{- 'Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its "
+            "value}. Do not use variables.\\n\\n' }}"
+            "{%- for t in tools %}{{- t | tojson(indent=4) }}{{- '\\n\\n' }}{%- endfor %}"
+            "{{- first_user_message + '<|eot_id|>' }}"
+            "{%- endif %}"
+            "{%- for message in messages %}"
+            "{%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}"
+            "{%- if message.role == 'assistant' %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+            "{% generation %}{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+            "{%- else %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+            "message['content'] | trim + '<|eot_id|>' }}{%- endif %}"
+            "{%- elif 'tool_calls' in message %}"
+            "{%- if not message.tool_calls | length == 1 %}"
+            "{{- raise_exception('This model only supports single tool-calls at once!') }}{%- endif %}"
+            "{%- set tool_call = message.tool_calls[0].function %}"
+            "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+            "{% generation %}{{- '{\"name\": \"' + tool_call.name + '\", ' }}{{- '\"parameters\": ' }}"
+            "{{- tool_call.arguments | tojson }}{{- '}' }}{{- '<|eot_id|>' }}{% endgeneration %}"
+            "{%- elif message.role == 'tool' or message.role == 'ipython' %}"
+            "{{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' }}"
+            "{%- if message.content is mapping or message.content is iterable %}{{- message.content | tojson }}"
+            "{%- else %}{{- message.content }}{%- endif %}{{- '<|eot_id|>' }}"
+            "{%- endif %}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+        ),
+    ),
+    "qwen25": dict(
+        bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+        extra=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        template=(
+            "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+            "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+            "{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}{%- endif %}"
+            "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are "
+            "provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+            "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+            "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+            "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+            "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+            "{%- else %}{%- if messages[0]['role'] == 'system' %}"
+            "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+            "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+            "assistant.<|im_end|>\\n' }}{%- endif %}{%- endif %}"
+            "{%- for message in messages %}"
+            "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) %}"
+            "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+            "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+            "{% generation %}{{- message.content }}"
+            "{%- for tool_call in message.tool_calls or [] %}"
+            "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+            "{%- if message.content or not loop.first %}{{- '\\n' }}{%- endif %}"
+            "{{- '<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+            "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}"
+            "{{- '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+            "{%- elif message.role == 'tool' %}"
+            "{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}"
+            "{%- endif %}{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+            "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}"
+            "{%- endif %}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+        ),
+    ),
+    # Qwen 3 style: reasoning_content rendered as <think>…</think> in the turns after the last user
+    # question (earlier turns lose it: history is re-rendered differently), an empty <think> block in
+    # a final turn without reasoning. ``reasoning_untrained=True`` (a template variable, tagged twin
+    # only) leaves the reasoning text outside the generation tags: the oracle for train_reasoning=False.
+    "qwen3": dict(
+        bos=None, eos="<|im_end|>", pad="<|endoftext|>",
+        extra=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        template=(
+            "{%- macro render_calls(message, content) %}{%- for tool_call in message.tool_calls or [] %}"
+            "{%- if (loop.first and content) or (not loop.first) %}{{- '\\n' }}{%- endif %}"
+            "{%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}"
+            "{{- '<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+            "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}"
+            "{{- tool_call.arguments | tojson }}{%- endif %}{{- '}\\n</tool_call>' }}{%- endfor %}{%- endmacro %}"
+            "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+            "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+            "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are "
+            "provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+            "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+            "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+            "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+            "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+            "{%- else %}{%- if messages[0].role == 'system' %}"
+            "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}{%- endif %}"
+            "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+            "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+            "{%- if ns.multi_step_tool and message.role == 'user' and message.content is string and not "
+            "(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}"
+            "{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
+            "{%- for message in messages %}"
+            "{%- if message.content is string %}{%- set content = message.content %}{%- else %}"
+            "{%- set content = '' %}{%- endif %}"
+            "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) %}"
+            "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}"
+            "{%- elif message.role == 'assistant' %}{%- set reasoning_content = '' %}"
+            "{%- if message.reasoning_content is string %}{%- set reasoning_content = message.reasoning_content %}"
+            "{%- elif '</think>' in content %}"
+            "{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+            "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+            "{{- '<|im_start|>assistant\\n' }}"
+            "{%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}"
+            "{%- if reasoning_untrained is defined and reasoning_untrained and reasoning_content %}"
+            "{% generation %}{{- '<think>\\n' }}{% endgeneration %}{{- reasoning_content.strip('\\n') }}"
+            "{% generation %}{{- '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+            "{{- render_calls(message, content.lstrip('\\n')) }}{{- '<|im_end|>' }}{% endgeneration %}"
+            "{%- else %}{% generation %}{{- '<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + "
+            "content.lstrip('\\n') }}{{- render_calls(message, content.lstrip('\\n')) }}{{- '<|im_end|>' }}"
+            "{% endgeneration %}{%- endif %}"
+            "{%- else %}{% generation %}{{- content }}{{- render_calls(message, content) }}{{- '<|im_end|>' }}"
+            "{% endgeneration %}{%- endif %}{{- '\\n' }}"
+            "{%- elif message.role == 'tool' %}"
+            "{%- if loop.first or (messages[loop.index0 - 1].role != 'tool') %}{{- '<|im_start|>user' }}{%- endif %}"
+            "{{- '\\n<tool_response>\\n' }}{{- content }}{{- '\\n</tool_response>' }}"
+            "{%- if loop.last or (messages[loop.index0 + 1].role != 'tool') %}{{- '<|im_end|>\\n' }}{%- endif %}"
+            "{%- endif %}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+            "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+            "{%- endif %}{%- endif %}"
+        ),
+    ),
+}
+
+
 def plain_template(template: str) -> str:
     """The same template without generation tags (what most real templates look like)."""
     return template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
@@ -90,7 +243,7 @@ def build_tokenizer(family: str = "chatml", *, with_generation_tags: bool = Fals
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    spec = FAMILIES[family]
+    spec = {**FAMILIES, **TOOL_FAMILIES}[family]
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()

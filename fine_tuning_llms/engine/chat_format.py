@@ -11,6 +11,16 @@ whitespace (the newline after ``<|im_end|>`` is template glue, not something to 
 whose character offsets touch such a span are trained; everything else gets label -100.
 Padding is masked through the attention mask, never by token id, so pad == eos cannot hide
 the end-of-turn token that teaches the model to stop.
+
+Agent conversations (tool calls, tool results, a tool list, reasoning) go through the same
+path: ``tool_format`` turns them into what this template renders (its own tool/reasoning
+support, or the one fallback), so an assistant turn's span holds its calls and reasoning, while
+tool results and the tool list lie outside every span. With ``train_reasoning=False`` the
+reasoning is cut out of its turn's span: the turn is rendered once more without it, and the
+characters only the reasoning brings (common suffix first, as reasoning comes before the
+reply) stay untrained. A template that drops the start of earlier turns in history (Qwen 3:
+their reasoning and empty ``<think>`` blocks) gets those turns trained as history shows them,
+from the end of the prompt to their end-of-turn token.
 """
 from __future__ import annotations
 
@@ -23,8 +33,10 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from . import tool_format
 from .data import Conversation
 from .errors import UserError
+from .tool_data import has_agent_parts
 
 if TYPE_CHECKING:
     pass
@@ -75,9 +87,18 @@ def ensure_pad_token(tokenizer) -> None:
             raise UserError("the tokenizer has neither pad, unk nor eos token; add one with --new_tokens")
 
 
+def template_inputs(tokenizer, messages: Sequence[dict]) -> tuple[list[dict], list[dict] | None]:
+    """(messages, tools) as the template receives them: plain conversations unchanged."""
+    if not has_agent_parts(messages):
+        return list(messages), None
+    return tool_format.template_inputs(messages, tool_format.rendering_for(tokenizer))
+
+
 def render(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> str:
+    messages, tools = template_inputs(tokenizer, messages)
     try:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja raise_exception() from templates that reject a conversation shape
         raise UserError(f"the chat template rejected a conversation ({str(exc).splitlines()[0][:160]}); "
                         "check the roles and their order") from None
@@ -97,8 +118,8 @@ class TemplateReport:
     def warn_once(self, tokenizer) -> None:
         if self.prefix_mismatches:
             log.warning("Chat template of %s re-renders earlier turns differently in %d assistant turn(s) "
-                        "(rendered prompt is not a prefix of prompt+answer); those replies were located by "
-                        "searching their text instead. Training and inference may see different prompts.",
+                        "(rendered prompt is not a prefix of prompt+answer); those replies were located in the "
+                        "full text instead. Training and inference may see different prompts.",
                         template_name(tokenizer), self.prefix_mismatches)
         if self.untrainable_replies:
             log.warning("%d earlier assistant repl(ies) are rewritten by the template and were not trained; "
@@ -111,31 +132,71 @@ def _eot_strings(tokenizer) -> list[str]:
     return sorted((c for c in candidates if c), key=len, reverse=True)
 
 
+def _history_turn(tokenizer, full: str, prefix: str, upto: str) -> tuple[int, int] | None:
+    """Where a turn that the template renders differently in history sits in ``full``, when history only
+    drops its beginning (Qwen 3 drops reasoning and an empty <think> block): the text from the end of
+    ``prefix`` to its end-of-turn token, if that is how the turn's own rendering ends. None otherwise."""
+    turn = upto[len(prefix):].rstrip()
+    eot = next((e for e in _eot_strings(tokenizer) if turn.endswith(e)), None)
+    stop = full.find(eot, len(prefix)) if eot else -1
+    if stop < 0 or not turn.endswith(full[len(prefix):stop + len(eot)]):
+        return None
+    return len(prefix), stop + len(eot)
+
+
+def _reasoning_chars(tokenizer, messages: Sequence[dict], i: int, prefix: str, upto: str) -> tuple[int, int]:
+    """(start, end) within ``upto`` of what turn i's reasoning adds; (0, 0) when it adds nothing found."""
+    plain = render(tokenizer, [*messages[:i], tool_format.without_reasoning(messages[i])])
+    if not plain.startswith(prefix):
+        return 0, 0
+    a, b = upto[len(prefix):], plain[len(prefix):]
+    suffix = 0
+    while suffix < min(len(a), len(b)) and a[-1 - suffix] == b[-1 - suffix]:
+        suffix += 1
+    start = 0
+    while start < min(len(a), len(b)) - suffix and a[start] == b[start]:
+        start += 1
+    return len(prefix) + start, len(upto) - suffix
+
+
 def assistant_char_spans(tokenizer, messages: Sequence[dict], *, train_on: str = "all",
-                         report: TemplateReport | None = None) -> tuple[str, list[tuple[int, int]]]:
+                         report: TemplateReport | None = None,
+                         train_reasoning: bool = True) -> tuple[str, list[tuple[int, int]]]:
     """Render ``messages`` and return (text, [(start, end) char span of each trained reply])."""
     full = render(tokenizer, messages)
-    spans: list[tuple[int, int]] = []
+    turn_spans: list[list[tuple[int, int]]] = []   # one list per assistant turn (reasoning may split one)
     cursor = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render(tokenizer, messages[: i + 1])
+        cut = (0, 0)
         if full.startswith(prefix) and full.startswith(upto) and len(prefix) >= cursor and len(upto) > len(prefix):
             start, end = len(prefix), len(upto)
+            if not train_reasoning and "reasoning_content" in message:
+                cut = _reasoning_chars(tokenizer, messages, i, prefix, upto)
+        elif (full.startswith(prefix) and len(prefix) >= cursor
+              and (history := _history_turn(tokenizer, full, prefix, upto)) is not None):
+            # History drops the turn's beginning (reasoning, an empty <think> block): train what is left.
+            if report is not None:
+                report.prefix_mismatches += 1
+            start, end = history
         else:
             # The template renders history differently from the last turn (e.g. drops reasoning):
             # find the reply's own text, then take the end-of-turn token right after it.
             if report is not None:
                 report.prefix_mismatches += 1
-            start = full.find(message["content"], cursor)
+            reply = template_inputs(tokenizer, messages[: i + 1])[0][-1].get("content") or ""
+            if not train_reasoning and "reasoning_content" in message:
+                reply = tool_format.after_think(reply, message["reasoning_content"])  # <think> stays untrained
+            start = full.find(reply, cursor) if reply else -1
             if start < 0:
                 # The template rewrote this reply's text: there is nothing verbatim to train on.
                 if report is not None:
                     report.untrainable_replies += 1
                 continue
-            end = start + len(message["content"])
+            end = start + len(reply)
             rest = full[end:]
             stripped = rest.lstrip(" ")
             for eot in _eot_strings(tokenizer):
@@ -144,10 +205,15 @@ def assistant_char_spans(tokenizer, messages: Sequence[dict], *, train_on: str =
                     break
         while end > start and full[end - 1].isspace():
             end -= 1  # template glue after the end-of-turn token is not part of the reply
-        spans.append((start, end))
+        cut_start, cut_end = cut
+        if cut_end > cut_start:  # the reasoning stays untrained: the turn is trained around it
+            turn_spans.append([(a, b) for a, b in ((start, cut_start), (cut_end, end)) if b > a])
+        else:
+            turn_spans.append([(start, end)])
         cursor = end
     if train_on == "last":
-        spans = spans[-1:]
+        turn_spans = turn_spans[-1:]
+    spans = [span for turn in turn_spans for span in turn]
     return full, spans
 
 
@@ -191,9 +257,11 @@ def mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[
 
 
 def encode_conversation(tokenizer, messages: Sequence[dict], *, max_length: int | None = None,
-                        train_on: str = "all", report: TemplateReport | None = None) -> EncodedConversation | None:
+                        train_on: str = "all", report: TemplateReport | None = None,
+                        train_reasoning: bool = True) -> EncodedConversation | None:
     """Template + tokenize + label one conversation; None when truncation would leave nothing trained."""
-    text, spans = assistant_char_spans(tokenizer, messages, train_on=train_on, report=report)
+    text, spans = assistant_char_spans(tokenizer, messages, train_on=train_on, report=report,
+                                       train_reasoning=train_reasoning)
     # add_special_tokens=False: the template already wrote any BOS it wants (no double BOS), and
     # this is exactly what apply_chat_template(tokenize=True) feeds the model at inference.
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -212,9 +280,11 @@ def _finish(ids: list[int], mask: list[int], text: str, max_length: int | None) 
 
 
 def encode_many(tokenizer, conversations: Sequence[Sequence[dict]], *, max_length: int | None = None,
-                train_on: str = "all", report: TemplateReport | None = None) -> list[EncodedConversation | None]:
+                train_on: str = "all", report: TemplateReport | None = None,
+                train_reasoning: bool = True) -> list[EncodedConversation | None]:
     """Batched version of encode_conversation: one fast-tokenizer call for all texts."""
-    rendered = [assistant_char_spans(tokenizer, m, train_on=train_on, report=report) for m in conversations]
+    rendered = [assistant_char_spans(tokenizer, m, train_on=train_on, report=report, train_reasoning=train_reasoning)
+                for m in conversations]
     if not rendered:
         return []
     enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
@@ -273,7 +343,8 @@ def percentiles(values: Sequence[int]) -> dict:
 
 
 def tokenize_conversations(tokenizer, conversations: Sequence[Conversation], *, max_length: int | None,
-                           train_on: str = "all", desc: str = "Tokenizing", progress: bool = True) -> ProcessedData:
+                           train_on: str = "all", desc: str = "Tokenizing", progress: bool = True,
+                           train_reasoning: bool = True) -> ProcessedData:
     """Template, tokenize and label conversations in chunks (batched fast-tokenizer calls)."""
     require_chat_template(tokenizer)
     report = TemplateReport()
@@ -281,7 +352,8 @@ def tokenize_conversations(tokenizer, conversations: Sequence[Conversation], *, 
     bar = tqdm(total=len(conversations), desc=desc, unit="conv", disable=not progress or len(conversations) < 500)
     for start in range(0, len(conversations), CHUNK):
         batch = conversations[start:start + CHUNK]
-        for encoded in encode_many(tokenizer, batch, max_length=max_length, train_on=train_on, report=report):
+        for encoded in encode_many(tokenizer, batch, max_length=max_length, train_on=train_on, report=report,
+                                   train_reasoning=train_reasoning):
             if encoded is None:
                 out.dropped += 1
                 continue

@@ -50,6 +50,8 @@ class DataConfig:
                           choices=["auto", "messages", "sharegpt", "alpaca", "prompt_completion"])
     skip_invalid: bool = _f(False, "Skip invalid records (and report how many and why) instead of stopping.")
     train_on: str = _f("all", "Which assistant replies get labels: all, or only the last one.", choices=["all", "last"])
+    train_reasoning: bool = _f(True, "Train the assistant's reasoning traces (reasoning_content / thinking in the "
+                               "data) with its replies and tool calls; false keeps them as context, untrained.")
     system_prompt: str | None = _f(None, "System prompt for conversations that have none. Default: keep the "
                                       "template's behaviour (SmolLM2's template injects its own default).")
     max_length: int = _f(512, "Maximum tokens per conversation; longer ones are truncated (keeping trained "

@@ -2,7 +2,9 @@
 
 Every format becomes one internal form: a list of ``{"role": ..., "content": ...}`` dicts with
 roles system/user/assistant, an optional system turn first, then user and assistant taking
-turns, and at least one assistant reply.
+turns, and at least one assistant reply. Agent data adds assistant ``tool_calls`` and
+``reasoning_content``, ``tool`` results after a call, and a per-record ``tools`` list (see
+``tool_data``); ShareGPT's ``function_call`` / ``observation`` turns become those.
 
     formats: messages (OpenAI), sharegpt (from/value), alpaca (instruction/input/output),
              prompt_completion (prompt/completion)
@@ -20,20 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from .config import DataConfig
-from .errors import UserError
+from .errors import InvalidRecord, UserError
+from .tool_data import assistant_turn, check_tool_use, parse_tools, tool_turn
+from .tool_data import require_text as _text
 
 log = logging.getLogger(__name__)
 
 Conversation = list[dict]
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 SAMPLE_TRAIN = "sample_conversations.jsonl"
 SAMPLE_EVAL = "sample_conversations_eval.jsonl"
-
-
-class InvalidRecord(ValueError):
-    """One record that cannot become a conversation; the message says why."""
 
 
 @dataclass
@@ -144,18 +145,11 @@ def detect_format(record: Any) -> str:
                         "instruction/output or prompt/completion, or pass --data_format")
 
 
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidRecord(f"{what} is {type(value).__name__}, not a string")
-    if not value.strip():
-        raise InvalidRecord(f"{what} is empty")
-    return value
-
-
 def to_conversation(record: Any, data_format: str) -> Conversation:
     """Convert one record to the internal form, or raise InvalidRecord naming the problem."""
     if not isinstance(record, dict):
         raise InvalidRecord("record is not a JSON object")
+    tools = None
     if data_format == "messages":
         turns = record.get("messages", record.get("conversations"))
         if not isinstance(turns, list):
@@ -166,8 +160,15 @@ def to_conversation(record: Any, data_format: str) -> Conversation:
                 raise InvalidRecord(f"message {j} has no 'role'")
             role = t["role"]
             if role not in ROLES:
-                raise InvalidRecord(f"message {j} has unknown role {role!r} (use system/user/assistant)")
-            conv.append({"role": role, "content": _text(t.get("content"), f"message {j} content")})
+                raise InvalidRecord(f"message {j} has unknown role {role!r} (use system/user/assistant/tool)")
+            if role == "assistant":
+                conv.append(assistant_turn(t, what=f"message {j}"))
+            elif role == "tool":
+                conv.append(tool_turn(t, what=f"message {j}"))
+            else:
+                conv.append({"role": role, "content": _text(t.get("content"), f"message {j} content")})
+        tools = parse_tools(record.get("tools"))
+        check_tool_use(conv, tools)
     elif data_format == "sharegpt":
         turns = record.get("conversations")
         if not isinstance(turns, list):
@@ -176,10 +177,21 @@ def to_conversation(record: Any, data_format: str) -> Conversation:
         for j, t in enumerate(turns):
             if not isinstance(t, dict) or "from" not in t:
                 raise InvalidRecord(f"turn {j} has no 'from'")
-            role = SHAREGPT_ROLES.get(str(t["from"]).lower())
+            speaker = str(t["from"]).lower()
+            role = SHAREGPT_ROLES.get(speaker)
             if role is None:
-                raise InvalidRecord(f"turn {j} has unknown speaker {t['from']!r} (use human/gpt/system)")
-            conv.append({"role": role, "content": _text(t.get("value"), f"turn {j} value")})
+                raise InvalidRecord(f"turn {j} has unknown speaker {t['from']!r} "
+                                    "(use human/gpt/system, function_call/observation)")
+            if speaker == "function_call":  # the value is the call as JSON: {"name": ..., "arguments": ...}
+                conv.append(assistant_turn({**t, "content": ""}, what=f"turn {j}", calls_key="value"))
+            elif role == "assistant":
+                conv.append(assistant_turn(t, what=f"turn {j}", content_key="value"))
+            elif role == "tool":
+                conv.append(tool_turn(t, what=f"turn {j}", content_key="value"))
+            else:
+                conv.append({"role": role, "content": _text(t.get("value"), f"turn {j} value")})
+        tools = parse_tools(record.get("tools"))
+        check_tool_use(conv, tools, label="turn")
         if isinstance(record.get("system"), str) and record["system"].strip() and (not conv or conv[0]["role"] != "system"):
             conv.insert(0, {"role": "system", "content": record["system"]})
     elif data_format == "alpaca":
@@ -198,6 +210,8 @@ def to_conversation(record: Any, data_format: str) -> Conversation:
     else:
         raise InvalidRecord(f"unknown --data_format {data_format}")
     check_turn_order(conv)
+    if tools:
+        conv[0] = {**conv[0], "tools": tools}  # rides on the first message (tool_data's docstring)
     return conv
 
 
@@ -210,7 +224,7 @@ def check_turn_order(conv: Conversation) -> None:
     if not body or body[0]["role"] != "user":
         raise InvalidRecord("the first non-system message must be from the user")
     for a, b in zip(body, body[1:]):
-        if a["role"] == b["role"]:
+        if a["role"] == b["role"] != "tool":  # several results of one call turn follow each other
             raise InvalidRecord(f"two {a['role']} messages in a row (user and assistant must take turns)")
     if not any(m["role"] == "assistant" for m in body):
         raise InvalidRecord("no assistant reply to train on")

@@ -19,15 +19,21 @@ def mask_view(tokenizer, example: EncodedConversation, *, colour: bool | None = 
     """
     colour = use_colour() if colour is None else colour
     on, off = ("\x1b[42;30m", "\x1b[0m") if colour else ("⟦", "⟧")
-    pieces, inside = [], False
+    # Decode each run of equally-masked tokens at once: byte-level tokens of one Hangul syllable
+    # decoded one by one would print as replacement characters.
+    pieces, run, inside = [], [], False
     for token_id, trained in zip(example.input_ids, example.assistant_mask):
-        piece = tokenizer.decode([token_id])
+        if bool(trained) != inside and run:
+            pieces.append(tokenizer.decode(run))
+            run = []
         if trained and not inside:
             pieces.append(on)
         elif not trained and inside:
             pieces.append(off)
         inside = bool(trained)
-        pieces.append(piece)
+        run.append(token_id)
+    if run:
+        pieces.append(tokenizer.decode(run))
     if inside:
         pieces.append(off)
     return "".join(pieces)

@@ -1,4 +1,5 @@
-"""The one exception type that the CLI turns into a clean one-line message (exit status 2)."""
+"""The exception types the library raises for the user: UserError (the CLI turns it into a clean
+one-line message, exit status 2) and InvalidRecord (one bad data record, reported with its file:line)."""
 from __future__ import annotations
 
 
@@ -13,3 +14,8 @@ class UserError(Exception):
         if isinstance(message, list):
             message = "; ".join(message)
         super().__init__(message)
+
+
+class InvalidRecord(ValueError):
+    """One data record that cannot become a conversation; the message says why (the caller adds
+    the file and line, and whether --skip_invalid may skip it)."""

@@ -19,7 +19,7 @@ IDENTITY_FILE = "run_identity.json"
 # Settings that shape the weights a run produces: a resume must use the same values.
 SHAPING = {
     "model": ("dtype", "load_8bit", "load_4bit", "chat_template"),
-    "data": ("max_length", "train_on", "system_prompt"),
+    "data": ("max_length", "train_on", "system_prompt", "train_reasoning"),
     "train": ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "new_tokens",
               "batch_size", "grad_accum", "seed", "packing", "lr", "lr_scheduler", "warmup_ratio", "weight_decay"),
 }

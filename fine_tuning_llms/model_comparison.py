@@ -2,6 +2,7 @@
 
     python run_fine_tuning.py --task compare
     python run_fine_tuning.py --task compare --adapter results/final_model
+    python run_fine_tuning.py --task compare --tools sample --questions my_tool_questions.txt
     python run_fine_tuning.py --task compare --base_model meta-llama/Llama-3.2-1B \\
         --instruct_model meta-llama/Llama-3.2-1B-Instruct --questions my_questions.txt
 
@@ -18,7 +19,10 @@ unless ``--base_model`` gave one.
 
 Outputs in ``--output_dir``: ``model_comparison_results.csv`` (one row per question x model)
 and ``comparison_summary.json`` (per-model stop rate, length and speed, all answers; read by the
-HTML report).
+HTML report). With ``--tools sample`` every prompt carries the sample calculator and unit converter
+(chat-template columns through the template, as in training; plain-text columns with the same
+``<tools>`` block before the question) and the CSV gains a ``tool_call`` column: each answer's
+parsed call (name + JSON arguments) or "no call".
 """
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ from .engine.outputs import TaskOutputs
 from .engine.report_html import Html, esc, fmt, read_csv, read_json
 from .engine.report_html import answer as answer_html
 from .engine.report_html import table as html_table
+from .engine.sample_tools import tools_for
+from .engine.tool_format import tools_prompt
+from .engine.tool_use import NO_CALL, describe_calls
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,7 @@ CSV_NAME = "model_comparison_results.csv"
 SUMMARY_NAME = "comparison_summary.json"
 CSV_COLUMNS = ["question", "model", "role", "prompt_format", "prompt", "response", "new_tokens",
                "stopped_on_eot", "seconds", "tokens_per_s"]
+TOOL_CALL_COLUMN = "tool_call"   # added after the others with --tools
 ROLE_BASE, ROLE_INSTRUCT, ROLE_RAW, ROLE_FINE_TUNED = "base", "instruct", "instruct-raw-text", "fine-tuned"
 FORMAT_PLAIN, FORMAT_CHAT = "plain-text", "chat-template"
 # A continuation prompt a base model can complete; the same one for the raw-text instruct column.
@@ -170,27 +178,32 @@ def validate_compare(cfg: Config) -> None:
 
 # ---------------------------------------------------------------- prompts and generation
 
-def plain_prompt_ids(tokenizer, question: str) -> list[int]:
+def plain_prompt_ids(tokenizer, question: str, tools: list[dict] | None = None) -> list[int]:
     # add_special_tokens=True: raw text gets whatever BOS the model family expects (Llama: yes,
     # SmolLM2: none) — exactly how a base model saw its pre-training text.
-    return tokenizer(PLAIN_PROMPT.format(question=question))["input_ids"]
+    text = PLAIN_PROMPT.format(question=question)
+    return tokenizer(f"{tools_prompt(tools)}\n\n{text}" if tools else text)["input_ids"]
 
 
-def chat_prompt_ids(tokenizer, question: str, system_prompt: str | None = None) -> list[int]:
+def chat_prompt_ids(tokenizer, question: str, system_prompt: str | None = None,
+                    tools: list[dict] | None = None) -> list[int]:
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-    return generation_prompt_ids(tokenizer, messages + [{"role": "user", "content": question}])
+    messages.append({"role": "user", "content": question})
+    if tools:  # the tool list rides on the first message, as in training data (engine/tool_data.py)
+        messages[0] = {**messages[0], "tools": tools}
+    return generation_prompt_ids(tokenizer, messages)
 
 
 def build_prompts(tokenizer, questions: list[Question], prompt_format: str,
-                  system_prompt: str | None = None) -> list[list[int]]:
+                  system_prompt: str | None = None, tools: list[dict] | None = None) -> list[list[int]]:
     if prompt_format == FORMAT_PLAIN:
-        return [plain_prompt_ids(tokenizer, q.text) for q in questions]
-    return [chat_prompt_ids(tokenizer, q.text, system_prompt) for q in questions]
+        return [plain_prompt_ids(tokenizer, q.text, tools) for q in questions]
+    return [chat_prompt_ids(tokenizer, q.text, system_prompt, tools) for q in questions]
 
 
 def result_row(question: Question, plan: ModelPlan, role: str, prompt_format: str, tokenizer,
-               result: GenerationResult) -> dict:
-    return {
+               result: GenerationResult, *, tools: bool = False) -> dict:
+    row = {
         "question": question.text, "model": plan.name, "role": role, "prompt_format": prompt_format,
         # The prompt exactly as fed: decoded ids, special tokens shown.
         "prompt": tokenizer.decode(result.prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
@@ -198,6 +211,9 @@ def result_row(question: Question, plan: ModelPlan, role: str, prompt_format: st
         "stopped_on_eot": "yes" if result.stopped_on_eot else "no",
         "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 2),
     }
+    if tools:
+        row[TOOL_CALL_COLUMN] = describe_calls(result.text)
+    return row
 
 
 def _load(plan: ModelPlan):
@@ -211,18 +227,20 @@ def generate_for_plan(plan: ModelPlan, questions: list[Question], cfg: Config) -
     """Load one model, answer every question in each of its columns; (CSV rows, seconds per role)."""
     model, tokenizer = _load(plan)
     rows, seconds = [], {}
+    tools = tools_for(cfg.compare.tools)
     try:
         for role, prompt_format in plan.roles:
             if prompt_format == FORMAT_CHAT:
                 require_chat_template(tokenizer, f"{plan.name} (role {role})")
-            prompts = build_prompts(tokenizer, questions, prompt_format, cfg.data.system_prompt)
+            prompts = build_prompts(tokenizer, questions, prompt_format, cfg.data.system_prompt, tools)
             start = time.perf_counter()
             results = generate_batch(model, tokenizer, prompts, max_new_tokens=cfg.compare.max_new_tokens,
                                      do_sample=cfg.compare.do_sample, temperature=cfg.compare.temperature,
                                      batch_size=GENERATION_BATCH_SIZE, seed=cfg.train.seed, progress=role)
             seconds[role] = time.perf_counter() - start
             log.info("%s (%s): %d answers in %.1f s", role, plan.name, len(results), seconds[role])
-            rows += [result_row(q, plan, role, prompt_format, tokenizer, r) for q, r in zip(questions, results)]
+            rows += [result_row(q, plan, role, prompt_format, tokenizer, r, tools=bool(tools))
+                     for q, r in zip(questions, results)]
     finally:
         del model
         gc.collect()  # free one model before the next loads (three 1B models would not fit a laptop)
@@ -244,14 +262,21 @@ def summarise(rows: list[dict], seconds: dict[str, float]) -> list[dict]:
             "mean_new_tokens": round(tokens / len(mine), 2), "generation_seconds": round(seconds[role], 3),
             "tokens_per_s": round(tokens / seconds[role], 2) if seconds[role] > 0 else 0.0,
         })
+        if TOOL_CALL_COLUMN in mine[0]:  # answers holding a valid call (--tools)
+            stats[-1]["tool_calls"] = sum(not r[TOOL_CALL_COLUMN].startswith((NO_CALL, "invalid")) for r in mine)
     return stats
 
 
 def answer_table(questions: list[Question], rows: list[dict]) -> list[dict]:
-    by_key = {(r["question"], r["role"]): r["response"] for r in rows}
+    by_key = {(r["question"], r["role"]): r for r in rows}
     roles = list(dict.fromkeys(r["role"] for r in rows))
-    return [{"question": q.text, "category": q.category, "language": q.language,
-             "answers": {role: by_key.get((q.text, role), "") for role in roles}} for q in questions]
+    table = [{"question": q.text, "category": q.category, "language": q.language,
+              "answers": {role: by_key.get((q.text, role), {}).get("response", "") for role in roles}} for q in questions]
+    if rows and TOOL_CALL_COLUMN in rows[0]:
+        for entry in table:
+            entry["tool_calls"] = {role: by_key.get((entry["question"], role), {}).get(TOOL_CALL_COLUMN, NO_CALL)
+                                   for role in roles}
+    return table
 
 
 def _one_line(text: str, limit: int = 160) -> str:
@@ -268,10 +293,14 @@ def log_summary(stats: list[dict], table: list[dict], note: str | None) -> None:
     for s in stats:
         log.info("%-*s  %-15s  %5d/%-2d (%3.0f%%)  %11.1f  %9.1f  %s", width, s["role"], s["prompt_format"],
                  s["stopped"], s["answers"], 100 * s["stop_rate"], s["mean_new_tokens"], s["tokens_per_s"], s["model"])
+        if "tool_calls" in s:
+            log.info("%-*s  answers with a tool call: %d/%d", width, "", s["tool_calls"], s["answers"])
     for entry in table[:SIDE_BY_SIDE]:
         log.info("Q: %s", entry["question"])
         for role, answer in entry["answers"].items():
             log.info("  [%-*s] %s", width, role, _one_line(answer) or "(empty)")
+            if "tool_calls" in entry:
+                log.info("  %-*s  tool call: %s", width, "", entry["tool_calls"][role])
 
 
 # ---------------------------------------------------------------- task entry
@@ -294,7 +323,8 @@ def run(cfg: Config) -> dict:
         rows += plan_rows
         seconds.update(plan_seconds)
     out = Path(cfg.run.output_dir)
-    csv_path = atomic_write_csv(out / CSV_NAME, rows, CSV_COLUMNS)
+    tools = tools_for(cfg.compare.tools)
+    csv_path = atomic_write_csv(out / CSV_NAME, rows, CSV_COLUMNS + ([TOOL_CALL_COLUMN] if tools else []))
     stats = summarise(rows, seconds)
     table = answer_table(questions, rows)
     summary = {
@@ -303,7 +333,8 @@ def run(cfg: Config) -> dict:
         "settings": {"max_new_tokens": cfg.compare.max_new_tokens, "do_sample": cfg.compare.do_sample,
                      "temperature": cfg.compare.temperature if cfg.compare.do_sample else None,
                      "seed": cfg.train.seed, "system_prompt": cfg.data.system_prompt,
-                     "questions": cfg.compare.questions or "built-in", "batch_size": GENERATION_BATCH_SIZE},
+                     "questions": cfg.compare.questions or "built-in", "batch_size": GENERATION_BATCH_SIZE,
+                     "tools": [t["function"]["name"] for t in tools or []]},
         "total_seconds": round(time.perf_counter() - start, 2), "versions": package_versions(),
     }
     summary_path = atomic_write_json(out / SUMMARY_NAME, summary)
@@ -323,15 +354,20 @@ def report_section(folder: Path) -> str:
         parts.append(f'<div class="note">{esc(summary["note"])}</div>')
     stats = summary.get("models") or []
     if stats:
+        calls = any("tool_calls" in s for s in stats)  # --tools: answers with a parsed call
         parts.append("<h3>모델별 요약 / Per model</h3>" + html_table(
-            ["role", "model", "prompt format", "stopped itself / 스스로 멈춤", "mean new tokens", "tokens/s"],
+            ["role", "model", "prompt format", "stopped itself / 스스로 멈춤", "mean new tokens", "tokens/s"]
+            + (["tool calls / 도구 호출"] if calls else []),
             [(s.get("role"), s.get("model"), s.get("prompt_format"), f"{s.get('stopped', '?')}/{s.get('answers', '?')}",
-              s.get("mean_new_tokens"), s.get("tokens_per_s")) for s in stats]))
+              s.get("mean_new_tokens"), s.get("tokens_per_s"))
+             + ((f"{s.get('tool_calls', '?')}/{s.get('answers', '?')}",) if calls else ()) for s in stats]))
     roles = list(dict.fromkeys(r.get("role", "?") for r in rows)) or list(
         dict.fromkeys(role for a in summary.get("answers", []) for role in a.get("answers", {})))
     grid: dict[str, dict[str, Html]] = {}
     for r in rows:
         meta = f"{r.get('new_tokens', '?')} tokens, stopped: {r.get('stopped_on_eot', '?')}"
+        if r.get(TOOL_CALL_COLUMN):
+            meta += f"; tool call: {r[TOOL_CALL_COLUMN]}"
         grid.setdefault(r.get("question", ""), {})[r.get("role", "?")] = Html(
             f'{answer_html(r.get("response"))}<small>{esc(meta)}</small>')
     if not rows:

@@ -117,6 +117,10 @@ class CompareConfig:
     do_sample: bool = _f(False, "Sample instead of greedy decoding.")
     temperature: float = _f(0.7, "Sampling temperature (with --do_sample).")
     prompt: str | None = _f(None, "One-shot prompt for --task chat (without it, chat is interactive).")
+    tools: str = _f("none", "Tools offered to the model in chat and compare: 'sample' = the tool-use sample set's "
+                    "calculator and unit converter (their JSON schemas go into the prompt, rendered as in "
+                    "training; chat runs the calls and feeds the results back); 'none' offers none.",
+                    choices=["none", "sample"])
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The engine: everything the lessons share. Imports no lesson (tests/test_layout.py checks)."""
 import logging
+import warnings
 
 # bitsandbytes' CPU backend warns at import time, on every run, that it could not download an
 # optional kernel from the hub (`kernels-community`); it then uses its built-in kernel, and this
@@ -17,7 +18,12 @@ class KnownNoiseFilter(logging.Filter):
 
 
 def quiet_known_noise() -> None:
-    """Install the filter once on the logger that emits the warning (created early if need be)."""
+    """Install the filter once on the logger that emits the warning (created early if need be).
+
+    Also: PEFT 0.21's ``get_peft_model`` reads ``model.is_gradient_checkpointing``, which
+    transformers 5.24 marks deprecated, so every LoRA set-up printed a FutureWarning about a call
+    this toolkit does not make."""
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
     if not any(isinstance(f, KnownNoiseFilter) for f in logger.filters):
         logger.addFilter(KnownNoiseFilter())

@@ -23,6 +23,7 @@ from typing import Optional, get_args, get_origin
 import yaml
 
 from .engine.config import TASKS_IN_ORDER, Config, group_fields
+from .engine.distributed import is_main_process, quiet_other_ranks
 from .engine.errors import UserError
 from .engine.outputs import TaskOutputs
 from .engine.run_lock import output_lock
@@ -277,7 +278,7 @@ def _run_in_order(cfg: Config, tasks: dict[str, str], names: list[str]) -> dict:
         # The report is the one task that reads the others' files: it gets their declarations.
         results[name] = module.run(cfg, task_outputs(tasks)) if name == "report" else module.run(cfg)
         log.info("=== task %s done in %.1f s ===", name, time.perf_counter() - start)
-        if name not in ("report", "chat") and "report" in tasks:
+        if name not in ("report", "chat") and "report" in tasks and is_main_process():
             # Every task refreshes report.html; a report problem never fails the task.
             importlib.import_module(tasks["report"]).refresh_report(cfg.run.output_dir, task_outputs(tasks))
     return results
@@ -295,6 +296,7 @@ def _fail(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    quiet_other_ranks()  # under torchrun / accelerate launch only rank 0 prints its progress
     # bitsandbytes' missing-hub-kernel warning is dropped by a filter the engine installs on import.
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -306,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             raise
-        return _fail(str(exc))
+        # Every rank checks the same settings and inputs and finds the same problem: rank 0 says it once.
+        return _fail(str(exc)) if is_main_process() else 2
     except OSError as exc:
         # A full disk or a folder that became read-only mid-run is the user's to fix, not a bug:
         # atomic writes already removed their temp files, so say what happened in one line.
@@ -316,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{where}{exc.strerror}; free disk space or pick another --output_dir, then run again "
                      "(finished files were kept)")
     except KeyboardInterrupt:
+        if not is_main_process():
+            return 130
         print("interrupted: finished outputs were kept; partial files were not written", file=sys.stderr)
         return 130
     return 0

@@ -2,6 +2,7 @@
 
     python run_fine_tuning.py --task train [--dataset_path my.jsonl] [--load_4bit] [--merge]
     torchrun --nproc_per_node 2 run_fine_tuning.py --task train      # data parallel
+    accelerate launch --config_file examples/accelerate_fsdp.yaml run_fine_tuning.py --task train   # FSDP2
 
 Flow: load model + tokenizer → template and label the data (assistant tokens only) → wrap the
 model in LoRA → held-out loss and answers *before* → Trainer.train() with checkpoints →
@@ -22,6 +23,16 @@ from .engine.chat_format import tokenize_conversations
 from .engine.checks import check_max_length
 from .engine.config import Config, format_settings
 from .engine.data import load_train_eval
+from .engine.distributed import (
+    check_launch,
+    check_wrap_classes,
+    describe_launch,
+    fsdp_requested,
+    full_trainable_state,
+    is_sharded,
+    sum_over_ranks,
+    world_size,
+)
 from .engine.errors import UserError
 from .engine.lora import prepare_peft_model
 from .engine.models import count_parameters, load_model, load_tokenizer, pick_device, resolve_model
@@ -29,10 +40,12 @@ from .engine.outputs import TaskOutputs
 from .engine.precision import autocast_dtype, mixed_precision, training_model_config
 from .engine.report_html import answer, fmt, image, key_values, read_csv, read_json, spread, table
 from .engine.run_identity import check_resume, run_identity
+from .engine.tool_use import tool_call_prompts, tool_call_rate
 from .engine.trainer import (
     ChatTrainer,
     CompleteCheckpointCallback,
     NonFiniteLossError,
+    ShardingReportCallback,
     TrainingLogCallback,
     complete_checkpoints,
     mean_eval_loss,
@@ -145,6 +158,8 @@ def training_arguments(cfg: Config, checkpoints_dir: Path, device: torch.device,
 def run(cfg: Config) -> dict:
     from transformers import set_seed
 
+    # Several processes that cannot train together stop here, before anything is loaded.
+    check_launch(load_4bit=cfg.model.load_4bit, load_8bit=cfg.model.load_8bit, device=pick_device(cfg.model.device))
     out = check_output_dir(cfg)
     checkpoints_dir = out / "checkpoints"
     resume = resolve_resume(cfg, checkpoints_dir)
@@ -155,9 +170,11 @@ def run(cfg: Config) -> dict:
     check_max_length(tokenizer, cfg.data.max_length)  # fail in a second, before loading weights
     data = load_train_eval(cfg.data)
     train_set = tokenize_conversations(tokenizer, data.train.conversations, max_length=cfg.data.max_length,
-                                       train_on=cfg.data.train_on, desc="Tokenizing train")
+                                       train_on=cfg.data.train_on, desc="Tokenizing train",
+                                       train_reasoning=cfg.data.train_reasoning)
     eval_set = tokenize_conversations(tokenizer, data.eval, max_length=cfg.data.max_length,
-                                      train_on=cfg.data.train_on, desc="Tokenizing eval")
+                                      train_on=cfg.data.train_on, desc="Tokenizing eval",
+                                      train_reasoning=cfg.data.train_reasoning)
     if not train_set.examples:
         raise UserError(f"no training example fits --max_length {cfg.data.max_length}; raise it")
     log.info("Data: %d train conversations (%d trained tokens), %d held-out (%s)", train_set.kept,
@@ -170,7 +187,15 @@ def run(cfg: Config) -> dict:
     model = load_model(training_model_config(cfg.model, device), source)
 
     model, new_ids = prepare_peft_model(cfg, model, tokenizer)
-    if cfg.train.fused_kernels:
+    wrap_classes = check_wrap_classes(model) if fsdp_requested() else []
+    fsdp = fsdp_requested() and world_size() > 1  # one process has nothing to shard over
+    fused = cfg.train.fused_kernels and not fsdp
+    if fsdp:
+        log.info("FSDP2: sharding by %s (each one its own unit), then the rest of the model",
+                 ", ".join(wrap_classes) or "the whole model")
+        if cfg.train.fused_kernels:
+            log.info("Fused kernels: off under FSDP (they keep whole-weight copies in every process)")
+    if fused:
         from .engine.kernels import use_fused_kernels
         log.info("Fused kernels: %d LoRA/attention/RMSNorm layers (and the vocabulary head with the loss) train "
                  "through one autograd node each", use_fused_kernels(model))
@@ -182,25 +207,30 @@ def run(cfg: Config) -> dict:
     autocast = autocast_dtype(args.bf16, args.fp16)
     pad_id = tokenizer.pad_token_id
     pairs = answer_prompts(data.eval, cfg.train.eval_answers)
+    tool_pairs = tool_call_prompts(data.eval, cfg.train.eval_answers)  # [] unless the held-out data calls tools
     is_main = args.process_index == 0
 
     # Packing only where the real model proves it exact (a second or so), then the held-out loss
     # and answers of the untouched model: cheap sanity checks before the long part.
     layout = choose_layout(model, train_set.examples, enabled=cfg.train.packing, autocast_dtype=autocast,
-                           fused_head=cfg.train.fused_kernels, trained_logits_only=cfg.train.trained_logits_only)
+                           fused_head=fused, trained_logits_only=cfg.train.trained_logits_only)
     packed = layout.packed
     before_loss = mean_eval_loss(model, eval_set.examples, pad_id, autocast_dtype=autocast, packed=packed)
     before_answers = generate_answers(model, tokenizer, pairs, label="before") if is_main and pairs else []
+    before_calls = generate_answers(model, tokenizer, tool_pairs, label="tool calls before") if is_main and tool_pairs else []
     log.info("Before training: held-out loss %.4f (perplexity %.2f)", before_loss, perplexity(before_loss))
 
     log_callback = TrainingLogCallback(out / TRAINING_LOG)
     trainer = ChatTrainer(model=model, args=args, train_dataset=ExampleDataset(train_set.examples),
                           eval_dataset=ExampleDataset(eval_set.examples) if eval_set.examples else None,
                           data_collator=PackingCollator() if packed else PadCollator(pad_id),
-                          callbacks=[log_callback, CompleteCheckpointCallback(identity)],
-                          trained_logits_only=cfg.train.trained_logits_only, fused_head=cfg.train.fused_kernels,
+                          callbacks=[log_callback, CompleteCheckpointCallback(identity), ShardingReportCallback()],
+                          trained_logits_only=cfg.train.trained_logits_only, fused_head=fused,
                           packed=packed, pad_token_id=pad_id)
     log_callback.trainer = trainer
+    launch = describe_launch(trainer)
+    if launch:
+        log.info(launch)
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -208,14 +238,17 @@ def run(cfg: Config) -> dict:
         raise UserError(f"{exc}: training stopped and nothing was saved as final; lower --lr (now {cfg.train.lr}) "
                         "or check the data") from None
     except KeyboardInterrupt:
-        if is_main:
+        if is_main and not is_sharded(model):  # a sharded model cannot be gathered once the others stopped
             saved = save_adapter(model, tokenizer, out / "interrupted_model", cfg, metrics={"interrupted_at_step":
                                  trainer.state.global_step}, overwrite=True)
             log.warning("Interrupted at step %d: adapter trained so far saved to %s; continue with "
                         "--resume_from_checkpoint auto", trainer.state.global_step, saved)
+        elif is_main:
+            log.warning("Interrupted at step %d: continue from the last checkpoint with --resume_from_checkpoint auto "
+                        "under the same launch", trainer.state.global_step)
         raise
     finally:
-        if cfg.train.fused_kernels:
+        if fused:
             from .engine.kernels import release_packed_weights
             release_packed_weights(model)  # the training-only weight copies: eval and generation do not use them
     seconds = time.perf_counter() - start
@@ -227,19 +260,29 @@ def run(cfg: Config) -> dict:
         after_loss = mean_eval_loss(model, eval_set.examples, pad_id, autocast_dtype=autocast, packed=packed)
     log.info("After training: held-out loss %.4f (perplexity %.2f), was %.4f", after_loss, perplexity(after_loss),
              before_loss)
+    sharded = is_sharded(model)
+    # A sharded model's every forward gathers weights from all ranks: all of them generate (the
+    # same greedy answers) and gather the adapter; only rank 0 keeps and writes them.
+    after_answers = generate_answers(model, tokenizer, pairs, label="after") if pairs and (is_main or sharded) else []
+    after_calls = (generate_answers(model, tokenizer, tool_pairs, label="tool calls after")
+                   if tool_pairs and (is_main or sharded) else [])
+    adapter_state = full_trainable_state(model) if sharded else None
+    tokens_seen, trained_tokens_seen = sum_over_ranks(trainer.tokens_seen, trainer.trained_tokens_seen)  # all processes'
     if not is_main:
         return {}
-    after_answers = generate_answers(model, tokenizer, pairs, label="after") if pairs else []
     metrics = {
         "eval_loss_before": before_loss, "eval_loss_after": after_loss,
         "perplexity_before": perplexity(before_loss), "perplexity_after": perplexity(after_loss),
         "behaviour_rate_before": behaviour_rate(before_answers), "behaviour_rate_after": behaviour_rate(after_answers),
         "behaviour": f"share of held-out answers containing 'Lumi' (the sample dataset's sign-off {SIGN_OFF!r})",
+        # share of held-out tool prompts answered with a valid call (parses, right tool, right arguments)
+        "tool_call_rate_before": tool_call_rate(tool_pairs, before_calls),
+        "tool_call_rate_after": tool_call_rate(tool_pairs, after_calls),
         # tokens/s over training alone: the held-out evaluations inside train() are timed apart
         "train_seconds": round(seconds, 1), "eval_seconds_in_training": round(trainer.eval_seconds, 2),
         "global_steps": trainer.state.global_step,
-        "tokens_per_s": round(trainer.tokens_seen / training_seconds, 1) if training_seconds else None,
-        "trained_tokens_per_s": round(trainer.trained_tokens_seen / training_seconds, 1) if training_seconds else None,
+        "tokens_per_s": round(tokens_seen / training_seconds, 1) if training_seconds else None,
+        "trained_tokens_per_s": round(trained_tokens_seen / training_seconds, 1) if training_seconds else None,
         "trainable_parameters": trainable, "total_parameters": total, "new_token_ids": new_ids,
         "train_examples": train_set.kept, "eval_examples": eval_set.kept, "eval_source": data.eval_source,
         "batches": layout.as_dict(),
@@ -247,7 +290,7 @@ def run(cfg: Config) -> dict:
     comparisons = [{"prompt": msgs[-1]["content"], "reference": ref, "before": b, "after": a}
                    for (msgs, ref), b, a in zip(pairs, before_answers, after_answers)]
     final = save_adapter(model, tokenizer, out / "final_model", cfg, metrics=metrics, comparisons=comparisons,
-                         overwrite=cfg.train.overwrite_output_dir or bool(resume))
+                         overwrite=cfg.train.overwrite_output_dir or bool(resume), state_dict=adapter_state)
     atomic_write_json(out / EVAL_FILE, {"metrics": metrics, "answers": comparisons})
     write_loss_curve(out, log_callback.rows)
     print_before_after(metrics, comparisons)
@@ -259,13 +302,16 @@ def run(cfg: Config) -> dict:
 
 
 def save_adapter(model, tokenizer, target: Path, cfg: Config, *, metrics: dict, comparisons: list | None = None,
-                 overwrite: bool = False) -> Path:
-    """Adapter + tokenizer (with its chat template) + run config + versions + metrics, atomically."""
+                 overwrite: bool = False, state_dict: dict | None = None) -> Path:
+    """Adapter + tokenizer (with its chat template) + run config + versions + metrics, atomically.
+
+    ``state_dict``: the trained weights gathered whole from a sharded (FSDP) model, so the adapter
+    is a normal PEFT adapter, not one rank's shard."""
     try:
         with atomic_directory(target, overwrite=overwrite) as tmp:
             # New tokens' rows are stored by the trainable-token adapter itself; without this PEFT
             # would also save the whole resized embedding matrix (~113 MB for SmolLM2).
-            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             atomic_write_json(tmp / RUN_CONFIG, {"settings": cfg.to_dict(), "versions": package_versions()})
             atomic_write_json(tmp / "metrics.json", metrics)
@@ -298,6 +344,9 @@ def print_before_after(metrics: dict, comparisons: list[dict], n: int = 4) -> No
     if metrics["behaviour_rate_before"] is not None:
         log.info("Held-out answers naming Lumi (what the sample dataset teaches): %.0f%% → %.0f%%",
                  100 * metrics["behaviour_rate_before"], 100 * metrics["behaviour_rate_after"])
+    if metrics.get("tool_call_rate_before") is not None:
+        log.info("Held-out tool prompts answered with a valid call (parses, right tool, right arguments): "
+                 "%.0f%% → %.0f%%", 100 * metrics["tool_call_rate_before"], 100 * metrics["tool_call_rate_after"])
     for c in comparisons[:n]:
         log.info("Q: %s\n  before: %s\n  after:  %s", c["prompt"], c["before"][:200], c["after"][:200])
 

@@ -24,6 +24,7 @@ from transformers.trainer_callback import ProgressCallback
 from . import chat_format
 from .artefacts import atomic_write_text
 from .batching import PackingCollator, pad_batch
+from .distributed import is_main_process, is_sharded, shard_counts, use_fsdp_on_cpu
 from .kernels import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
 from .precision import autocast_dtype
 from .run_identity import IDENTITY_FILE
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 COMPLETE_MARKER = "checkpoint_complete.json"
 # What Trainer writes into a LoRA checkpoint that resuming needs, then our completion marker.
 CHECKPOINT_FILES = ("adapter_model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt", COMPLETE_MARKER)
+# The same under FSDP: model and optimizer as sharded (torch.distributed.checkpoint) folders, one file per rank.
+FSDP_CHECKPOINT_FILES = ("pytorch_model_fsdp_0", "trainer_state.json", "optimizer_0", "scheduler.pt", COMPLETE_MARKER)
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "eval_loss", "tokens_per_s", "trained_tokens_per_s"]
 
 
@@ -66,6 +69,11 @@ class ChatTrainer(Trainer):
         if any(type(cb) is ProgressCallback for cb in self.callback_handler.callbacks):
             self.remove_callback(ProgressCallback)
             self.add_callback(BarOnlyProgressCallback)
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if use_fsdp_on_cpu(self.accelerator):  # accelerate would train an FSDP launch on CPU as DDP
+            self.is_fsdp_enabled = True
 
     def train(self, *args, **kwargs):
         # While the bar is drawn, console log lines go through tqdm.write so they do not split it.
@@ -230,6 +238,21 @@ def show_on_progress_bar(trainer, **values) -> None:
             bar.set_postfix(values, refresh=False)
 
 
+class ShardingReportCallback(TrainerCallback):
+    """After the first step of a sharded (FSDP) run, one line with how many parameter values each
+    rank holds: the proof that the model is split, not copied (a collective on every rank)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step != 1 or model is None or not is_sharded(model):
+            return
+        counts = shard_counts(model)
+        if is_main_process():
+            total = counts[0][1]
+            log.info("FSDP2: after step 1 the %s parameter values are split over %d processes: %s", f"{total:,}",
+                     len(counts), ", ".join(f"rank {r} holds {held:,} ({100 * held / total:.0f}%)"
+                                            for r, (held, _) in enumerate(counts)))
+
+
 class CompleteCheckpointCallback(TrainerCallback):
     """Records what a checkpoint belongs to, then marks it complete after Trainer has written all of it.
 
@@ -251,10 +274,11 @@ class CompleteCheckpointCallback(TrainerCallback):
 
 
 def missing_checkpoint_files(folder: Path) -> list[str]:
-    """What a checkpoint folder lacks to be resumed from (empty when complete)."""
+    """What a checkpoint folder lacks to be resumed from (empty when complete); plain or FSDP layout."""
     if not folder.is_dir():
         return ["the folder itself"]
-    return [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    names = FSDP_CHECKPOINT_FILES if (folder / FSDP_CHECKPOINT_FILES[0]).is_dir() else CHECKPOINT_FILES
+    return [name for name in names if not (folder / name).exists()]
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:

@@ -293,6 +293,24 @@ def tool_model_dirs(tmp_path_factory, tiny_model_dir):
     return {"chatml": tiny_model_dir, **folders}
 
 
+# ---------------------------------------------------------------- train end to end
+
+@pytest.mark.parametrize("model", ["chatml", "qwen25", "qwen3"])
+def test_train_on_agent_data_end_to_end(model, tool_model_dirs, write_jsonl, tmp_path, capsys):
+    """OpenAI, ShareGPT and reasoning records train (packed, self-checked) on the fallback and on
+    tool-capable templates, and the held-out valid-call rate is reported."""
+    records = [WEATHER, SHAREGPT, AGENT_CONVERSATIONS["reasoning_and_call"]] * 4
+    out = tmp_path / "run"
+    code, _, err = run_cli(["--task", "train", "--model", tool_model_dirs[model], "--dataset_path", write_jsonl(records),
+                            "--eval_path", write_jsonl(records[:3], name="eval.jsonl"), "--output_dir", out,
+                            "--max_steps", "2", "--batch_size", "2", "--eval_answers", "3", "--max_length", "1024",
+                            "--dtype", "float32", "--lora_r", "4"], capsys)
+    assert code == 0, err
+    metrics = json.loads((out / "final_model" / "metrics.json").read_text())
+    assert metrics["global_steps"] == 2 and metrics["batches"]["packed"]
+    assert 0.0 <= metrics["tool_call_rate_before"] <= 1.0 and 0.0 <= metrics["tool_call_rate_after"] <= 1.0
+
+
 def _trained_text(example, tokenizer):
     return "".join(tokenizer.decode(run) for run in chat.trained_spans(example["labels"]))
 

@@ -21,30 +21,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fine_tuning_llms.engine.artefacts import atomic_write_text
+from fine_tuning_llms.engine.sample_tools import FACTORS
+from fine_tuning_llms.engine.sample_tools import SAMPLE_TOOLS as TOOLS  # the one definition of the schemas
 
 TRAIN_FILE, EVAL_FILE = "tool_use_conversations.jsonl", "tool_use_conversations_eval.jsonl"
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "fine_tuning_llms" / "data"
 TRAIN_SIZE, EVAL_SIZE = 200, 40
 
-TOOLS = [
-    {"type": "function", "function": {
-        "name": "calculator", "description": "Evaluate an arithmetic expression with + - * /.",
-        "parameters": {"type": "object", "properties": {
-            "expression": {"type": "string", "description": "for example 12 * 7"}}, "required": ["expression"]}}},
-    {"type": "function", "function": {
-        "name": "convert_units", "description": "Convert a value between units of length, mass, volume or temperature.",
-        "parameters": {"type": "object", "properties": {
-            "value": {"type": "number"},
-            "from_unit": {"type": "string", "enum": ["km", "mi", "kg", "lb", "m", "ft", "L", "gal", "C", "F"]},
-            "to_unit": {"type": "string", "enum": ["km", "mi", "kg", "lb", "m", "ft", "L", "gal", "C", "F"]}},
-            "required": ["value", "from_unit", "to_unit"]}}},
-]
 # unit: (English plural, Korean)
 UNIT_NAMES = {"km": ("kilometres", "킬로미터"), "mi": ("miles", "마일"), "kg": ("kilograms", "킬로그램"),
               "lb": ("pounds", "파운드"), "m": ("metres", "미터"), "ft": ("feet", "피트"), "L": ("litres", "리터"),
               "gal": ("gallons", "갤런"), "C": ("degrees Celsius", "섭씨"), "F": ("degrees Fahrenheit", "화씨")}
-FACTORS = {("km", "mi"): 0.621371, ("mi", "km"): 1.609344, ("kg", "lb"): 2.204623, ("lb", "kg"): 0.453592,
-           ("m", "ft"): 3.28084, ("ft", "m"): 0.3048, ("L", "gal"): 0.264172, ("gal", "L"): 3.785412}
 PAIRS = sorted(FACTORS) + [("C", "F"), ("F", "C")]
 OPS = {"+": ("plus", "더하기"), "-": ("minus", "빼기"), "*": ("times", "곱하기"), "/": ("divided by", "나누기")}
 

@@ -35,7 +35,7 @@ SAMPLE_TOOLS = [
 MAX_EXPRESSION = 200        # characters: a calculator question, not a program
 MAX_MAGNITUDE = 1e15        # larger operands or results are refused (no giant integers)
 
-# The sample set's own factors (scripts/make_tool_dataset.py), so results match its tool turns.
+# The unit factors, shared with scripts/make_tool_dataset.py, so results match the sample tool turns.
 FACTORS = {("km", "mi"): 0.621371, ("mi", "km"): 1.609344, ("kg", "lb"): 2.204623, ("lb", "kg"): 0.453592,
            ("m", "ft"): 3.28084, ("ft", "m"): 0.3048, ("L", "gal"): 0.264172, ("gal", "L"): 3.785412}
 # Other pairs of one dimension go through a base unit (metre, kilogram, litre).

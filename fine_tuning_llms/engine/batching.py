@@ -161,16 +161,25 @@ def _dropout_off(model: torch.nn.Module):
             setattr(module, name, value)
 
 
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _full_logits_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the trained tokens of one row, from all its logits (the plain path)."""
+    inputs = dict(batch)
+    targets = inputs.pop("labels")[0, 1:]                       # (T-1,) token t+1 is predicted at t
+    logits = model(**inputs).logits[0, :-1]                     # (T-1, vocab)
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
 def _one_by_one_loss(model, examples: Sequence[dict], device) -> tuple[float, int]:
-    """The reference: each conversation alone, all logits, plain cross-entropy."""
+    """The reference: each conversation alone (a row of one), all logits, plain cross-entropy."""
     total, count = 0.0, 0
-    for e in examples:
-        ids = torch.tensor([e["input_ids"]], device=device)
-        targets = torch.tensor(e["labels"][1:], device=device)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1]     # (T-1, vocab)
-        total += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum",
-                                                         ignore_index=IGNORE_INDEX))
-        count += int((targets != IGNORE_INDEX).sum())
+    for example in examples:
+        loss, n = _full_logits_loss(model, _to(PackingCollator()([example]), device))
+        total, count = total + float(loss), count + n
     return total, count
 
 
@@ -186,7 +195,7 @@ def check_packing(model, examples: Sequence[dict], *, autocast_dtype: torch.dtyp
     compute_dtype = autocast_dtype or next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in PackingCollator()(examples).items()}
+    batch = _to(PackingCollator()(examples), device)
     was_training = model.training
     try:
         model.eval()
@@ -199,12 +208,7 @@ def check_packing(model, examples: Sequence[dict], *, autocast_dtype: torch.dtyp
                 packed_train, n_train, _ = trained_token_loss(model, batch, fused_head=fused_head,
                                                               autocast_dtype=autocast_dtype)
             else:
-                inputs = dict(batch)
-                targets = inputs.pop("labels")[0, 1:]
-                logits = model(**inputs).logits[0, :-1]
-                packed_train = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum",
-                                                                 ignore_index=IGNORE_INDEX)
-                n_train = int((targets != IGNORE_INDEX).sum())
+                packed_train, n_train = _full_logits_loss(model, batch)
     finally:
         model.train(was_training)
     if not (count == n_eval == n_train):
@@ -215,8 +219,13 @@ def check_packing(model, examples: Sequence[dict], *, autocast_dtype: torch.dtyp
                         tolerance=check_tolerance(model, compute_dtype), examples=len(examples))
 
 
+def _base(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def check_tolerance(model, compute_dtype: torch.dtype) -> float:
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = _base(model)
     if getattr(lm, "is_loaded_in_8bit", False) or getattr(lm, "is_loaded_in_4bit", False):
         # int8 picks its outlier columns over all rows of a call, so packed and one-by-one quantise
         # differently; 4-bit computes in the (half-precision) compute dtype
@@ -225,8 +234,7 @@ def check_tolerance(model, compute_dtype: torch.dtype) -> float:
 
 
 def attention_implementation(model) -> str:
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return str(getattr(lm.config, "_attn_implementation", None) or "unknown")
+    return str(getattr(_base(model).config, "_attn_implementation", None) or "unknown")
 
 
 @dataclass
@@ -237,10 +245,6 @@ class PackingDecision:
 
     def as_dict(self) -> dict:
         return {"packed": self.packed, "reason": self.reason, "self_check": self.check.as_dict() if self.check else None}
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def choose_layout(model, examples: Sequence[dict], *, enabled: bool, autocast_dtype: torch.dtype | None = None,

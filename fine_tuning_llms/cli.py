@@ -278,7 +278,7 @@ def _run_in_order(cfg: Config, tasks: dict[str, str], names: list[str]) -> dict:
         # The report is the one task that reads the others' files: it gets their declarations.
         results[name] = module.run(cfg, task_outputs(tasks)) if name == "report" else module.run(cfg)
         log.info("=== task %s done in %.1f s ===", name, time.perf_counter() - start)
-        if name not in ("report", "chat") and "report" in tasks and is_main_process():
+        if name not in READ_ONLY_TASKS and "report" in tasks and is_main_process():
             # Every task refreshes report.html; a report problem never fails the task.
             importlib.import_module(tasks["report"]).refresh_report(cfg.run.output_dir, task_outputs(tasks))
     return results

@@ -159,7 +159,8 @@ def run(cfg: Config) -> dict:
     from transformers import set_seed
 
     # Several processes that cannot train together stop here, before anything is loaded.
-    check_launch(load_4bit=cfg.model.load_4bit, load_8bit=cfg.model.load_8bit, device=pick_device(cfg.model.device))
+    device = pick_device(cfg.model.device)
+    check_launch(load_4bit=cfg.model.load_4bit, load_8bit=cfg.model.load_8bit, device=device)
     out = check_output_dir(cfg)
     checkpoints_dir = out / "checkpoints"
     resume = resolve_resume(cfg, checkpoints_dir)
@@ -183,12 +184,12 @@ def run(cfg: Config) -> dict:
                             train_examples=train_set.examples, eval_examples=eval_set.examples)
     if resume:
         check_resume(Path(resume), identity)  # before anything is loaded or written
-    device = pick_device(cfg.model.device)
     model = load_model(training_model_config(cfg.model, device), source)
 
     model, new_ids = prepare_peft_model(cfg, model, tokenizer)
-    wrap_classes = check_wrap_classes(model) if fsdp_requested() else []
-    fsdp = fsdp_requested() and world_size() > 1  # one process has nothing to shard over
+    requested = fsdp_requested()
+    wrap_classes = check_wrap_classes(model) if requested else []
+    fsdp = requested and world_size() > 1  # one process has nothing to shard over
     fused = cfg.train.fused_kernels and not fsdp
     if fsdp:
         log.info("FSDP2: sharding by %s (each one its own unit), then the rest of the model",

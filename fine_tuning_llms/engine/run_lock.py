@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .distributed import is_main_process
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,6 @@ def _write_new(lock: Path, record: dict) -> bool:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(record, fh)
     return True
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a distributed launch (or a plain run): the one process that owns the folder."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 @contextlib.contextmanager

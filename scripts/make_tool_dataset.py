@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fine_tuning_llms.engine.artefacts import atomic_write_text
-from fine_tuning_llms.engine.sample_tools import FACTORS
+from fine_tuning_llms.engine.sample_tools import FACTORS, convert  # the tool's own maths: results match run_tool
 from fine_tuning_llms.engine.sample_tools import SAMPLE_TOOLS as TOOLS  # the one definition of the schemas
 
 TRAIN_FILE, EVAL_FILE = "tool_use_conversations.jsonl", "tool_use_conversations_eval.jsonl"
@@ -69,14 +69,6 @@ def particles(word: str) -> dict:
 
 def number(x: float) -> str:
     return f"{x:.2f}".rstrip("0").rstrip(".") if x != int(x) else str(int(x))
-
-
-def convert(value: float, src: str, dst: str) -> float:
-    if (src, dst) == ("C", "F"):
-        return value * 9 / 5 + 32
-    if (src, dst) == ("F", "C"):
-        return (value - 32) * 5 / 9
-    return value * FACTORS[src, dst]
 
 
 def call_record(user: str, name: str, arguments: dict, result: dict, answer: str) -> dict:

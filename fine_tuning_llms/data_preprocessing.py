@@ -17,12 +17,13 @@ from .engine import chat_format, display, tool_format
 from .engine.artefacts import atomic_write_json
 from .engine.chat_format import ProcessedData, tokenize_conversations
 from .engine.checks import check_max_length
-from .engine.config import EMBEDDED_MODEL, Config
+from .engine.config import EMBEDDED_BASE_MODEL, EMBEDDED_MODEL, Config
 from .engine.data import load_train_eval
 from .engine.models import HUB_ID_PATTERN, cache_root, hub_cached, load_tokenizer
 from .engine.outputs import TaskOutputs
 from .engine.report_html import Html, esc, fmt, image, key_values, read_json
 from .engine.tool_data import has_agent_parts
+from .engine.turn_formats import template_choice
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,9 @@ def run(cfg: Config) -> dict:
     convs = data.train.conversations
     log.info("Read %d conversations (%s format) from %s; held-out: %d (%s)", len(convs), data.train.data_format,
              data.train.source, len(data.eval), data.eval_source)
-    facts = template_facts(tokenizer)
+    choice = template_choice(tokenizer)
+    log.info("%s", choice.describe())
+    facts = {**template_facts(tokenizer), "choice": choice.as_dict()}
     if facts["injects_default_system_prompt"] and not cfg.data.system_prompt:
         log.info("Note: this chat template injects its own default system prompt when a conversation has none:\n  %r\n"
                  "  Training sees it, and so does inference. Pass --system_prompt \"...\" to use your own.",
@@ -125,8 +128,8 @@ def local_tokenizer(spec: str):
     from tokenizers import Tokenizer
 
     path = Path(spec).expanduser()
-    if spec == EMBEDDED_MODEL:
-        found = sorted(cache_root().glob(f"{EMBEDDED_MODEL}-*/tokenizer.json"), key=lambda p: p.stat().st_mtime)
+    if spec in (EMBEDDED_MODEL, EMBEDDED_BASE_MODEL):
+        found = sorted(cache_root().glob(f"{spec}-*/tokenizer.json"), key=lambda p: p.stat().st_mtime)
         file = found[-1] if found else None
     elif path.is_dir():
         file = path / "tokenizer.json"

@@ -52,6 +52,7 @@ from .engine.trainer import (
     missing_checkpoint_files,
     perplexity,
 )
+from .engine.turn_formats import template_choice
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ def run(cfg: Config) -> dict:
     source = resolve_model(cfg.model.model)
     tokenizer = load_tokenizer(cfg.model, source)
     chat_format.require_chat_template(tokenizer, cfg.model.model)
+    log.info("%s", template_choice(tokenizer).describe())
     check_max_length(tokenizer, cfg.data.max_length)  # fail in a second, before loading weights
     data = load_train_eval(cfg.data)
     train_set = tokenize_conversations(tokenizer, data.train.conversations, max_length=cfg.data.max_length,
@@ -308,12 +310,15 @@ def save_adapter(model, tokenizer, target: Path, cfg: Config, *, metrics: dict, 
 
     ``state_dict``: the trained weights gathered whole from a sharded (FSDP) model, so the adapter
     is a normal PEFT adapter, not one rank's shard."""
+    from .engine.generation import chat_generation_config
+
     try:
         with atomic_directory(target, overwrite=overwrite) as tmp:
             # New tokens' rows are stored by the trainable-token adapter itself; without this PEFT
             # would also save the whole resized embedding matrix (~113 MB for SmolLM2).
             model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
+            chat_generation_config(model, tokenizer).save_pretrained(tmp)  # eos ids incl. the end-of-turn token
             atomic_write_json(tmp / RUN_CONFIG, {"settings": cfg.to_dict(), "versions": package_versions()})
             atomic_write_json(tmp / "metrics.json", metrics)
             if comparisons is not None:

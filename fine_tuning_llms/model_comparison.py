@@ -11,11 +11,13 @@ What it teaches: a base model only continues text, so it is prompted as plain te
 answers through its chat template and stops with its end-of-turn token; a fine-tuned adapter
 (``final_model/`` from ``--task train``) shows what your own data changed.
 
-Offline there is no base checkpoint (none ships on PyPI). Then the table says so and compares
-what exists, labelled exactly: the instruct model prompted as raw text (role
-``instruct-raw-text``: same weights, no template) against the same model through its template
-(role ``instruct``), plus the fine-tuned adapter when one exists. No column is called "base"
-unless ``--base_model`` gave one.
+Without ``--base_model`` the table says so and compares what exists, labelled exactly: the model
+prompted as raw text against the same model through its template, plus the fine-tuned adapter
+when one exists. A model is *instruct* when its tokenizer brings a chat template, *base* when it
+does not (then the template is the one ``--chat_template auto`` picked for it): roles
+``instruct-raw-text`` / ``instruct``, or ``base-raw-text`` / ``base + template``. Offline, a real
+base model is ``--base_model gemma-3-270m`` (``make base-model``), a different family from
+SmolLM2, which the note says.
 
 Outputs in ``--output_dir``: ``model_comparison_results.csv`` (one row per question x model)
 and ``comparison_summary.json`` (per-model stop rate, length and speed, all answers; read by the
@@ -31,7 +33,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 
 from .engine.adapters import check_adapter_dir, is_adapter_dir, load_model_with_adapter
@@ -40,14 +41,16 @@ from .engine.chat_format import generation_prompt_ids, require_chat_template
 from .engine.config import Config, ModelConfig
 from .engine.errors import UserError
 from .engine.generation import GenerationResult, generate_batch
-from .engine.models import load_model, load_tokenizer, resolve_model
+from .engine.models import load_model_and_tokenizer, load_tokenizer, resolve_model
 from .engine.outputs import TaskOutputs
+from .engine.questions import Question, load_questions
 from .engine.report_html import Html, esc, fmt, read_csv, read_json
 from .engine.report_html import answer as answer_html
 from .engine.report_html import table as html_table
 from .engine.sample_tools import tools_for
 from .engine.tool_format import tools_prompt
 from .engine.tool_use import NO_CALL, describe_calls
+from .engine.turn_formats import TemplateChoice, template_choice
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ CSV_COLUMNS = ["question", "model", "role", "prompt_format", "prompt", "response
                "stopped_on_eot", "seconds", "tokens_per_s"]
 TOOL_CALL_COLUMN = "tool_call"   # added after the others with --tools
 ROLE_BASE, ROLE_INSTRUCT, ROLE_RAW, ROLE_FINE_TUNED = "base", "instruct", "instruct-raw-text", "fine-tuned"
+ROLE_BASE_RAW, ROLE_BASE_TEMPLATE = "base-raw-text", "base + template"   # a model without a template of its own
 FORMAT_PLAIN, FORMAT_CHAT = "plain-text", "chat-template"
 # A continuation prompt a base model can complete; the same one for the raw-text instruct column.
 PLAIN_PROMPT = "Question: {question}\nAnswer:"
@@ -67,14 +71,14 @@ OFFLINE_NOTE = ("No --base_model was given, and no base (non-instruct) checkpoin
                 "comparison has NO base model. Instead it compares {instruct} prompted as raw text (role "
                 "'instruct-raw-text': same weights, no chat template) with the same model through its chat "
                 "template (role 'instruct'){adapter}. For a real base-vs-instruct comparison pass --base_model "
-                "(a local folder, or a hub id such as meta-llama/Llama-3.2-1B) and --instruct_model.")
-
-
-@dataclass
-class Question:
-    text: str
-    category: str | None = None
-    language: str | None = None
+                "(a local folder, or a hub id such as meta-llama/Llama-3.2-1B, or gemma-3-270m offline after "
+                "`make base-model`) and --instruct_model.")
+BASE_ONLY_NOTE = ("{model} has no chat template of its own: it is a BASE model, not an instruct model. It is compared "
+                  "as raw text (role 'base-raw-text') and through the chat format --chat_template auto chose for it "
+                  "(role 'base + template': {reason}){adapter}.")
+FAMILY_NOTE = ("--base_model {base} ({base_family}) and {instruct} ({instruct_family}) are different model families: "
+               "the table shows how a base and an instruct model behave, not what instruction tuning changed in one "
+               "model.")
 
 
 @dataclass
@@ -86,48 +90,6 @@ class ModelPlan:
     adapter: Path | None = None
     roles: list[tuple[str, str]] = field(default_factory=list)
     flag: str = "--model"                       # named in errors about this model
-
-
-# ---------------------------------------------------------------- questions
-
-def default_questions_path() -> Path:
-    return Path(str(resources.files("fine_tuning_llms") / "data" / "questions.json"))
-
-
-def _question_from_json(item, where: str) -> Question:
-    if isinstance(item, str) and item.strip():
-        return Question(item.strip())
-    if isinstance(item, dict) and isinstance(item.get("question"), str) and item["question"].strip():
-        return Question(item["question"].strip(), item.get("category"), item.get("language"))
-    raise UserError(f"{where}: expected a non-empty string or an object with a \"question\" string")
-
-
-def load_questions(path: str | Path | None = None) -> list[Question]:
-    """Questions from a .txt file (one per line, # comments) or a .json list; default: the built-in set."""
-    p = Path(path) if path else default_questions_path()
-    flag = f"--questions {path}" if path else f"built-in questions {p}"
-    if not p.is_file():
-        raise UserError(f"{flag}: no such file; pass a .txt (one question per line) or .json list")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"{flag}: not UTF-8 text; re-save the file as UTF-8") from None
-    if p.suffix.lower() == ".txt":
-        questions = [Question(line.strip()) for line in text.splitlines()
-                     if line.strip() and not line.lstrip().startswith("#")]
-    elif p.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{flag}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
-        if not isinstance(data, list):
-            raise UserError(f"{flag}: expected a JSON list of questions")
-        questions = [_question_from_json(item, f"{flag} item {i}") for i, item in enumerate(data)]
-    else:
-        raise UserError(f"{flag}: unknown file type {p.suffix!r}; use .txt (one per line) or .json (a list)")
-    if not questions:
-        raise UserError(f"{flag}: no questions in the file; add at least one")
-    return questions
 
 
 # ---------------------------------------------------------------- what to compare
@@ -143,21 +105,46 @@ def default_adapter(cfg: Config) -> Path | None:
     return None
 
 
+def template_of(model_cfg: ModelConfig) -> TemplateChoice:
+    """The chat-template choice for this model (its tokenizer only: no weights loaded)."""
+    return template_choice(load_tokenizer(model_cfg))
+
+
+def model_family(spec: str, flag: str) -> str:
+    config = Path(resolve_model(spec, flag=flag).location) / "config.json"
+    try:
+        return str(json.loads(config.read_text(encoding="utf-8")).get("model_type", "unknown"))
+    except (OSError, json.JSONDecodeError):
+        return "unknown"
+
+
 def plan_models(cfg: Config) -> tuple[list[ModelPlan], str | None]:
-    """The models to load, their columns, and the offline note when there is no base model."""
+    """The models to load, their columns, and a note when the table has no base/instruct pair of one family."""
     instruct = cfg.compare.instruct_model or cfg.model.model
     instruct_flag = "--instruct_model" if cfg.compare.instruct_model else "--model"
+    instruct_cfg = replace(cfg.model, model=instruct)
     adapter = default_adapter(cfg)
+    resolve_model(instruct, flag=instruct_flag)  # a bad spec fails here, before any tokenizer work
+    choice = template_of(instruct_cfg)
     plans, note = [], None
     if cfg.compare.base_model:
-        plans.append(ModelPlan(cfg.compare.base_model, replace(cfg.model, model=cfg.compare.base_model),
-                               roles=[(ROLE_BASE, FORMAT_PLAIN)], flag="--base_model"))
-        plans.append(ModelPlan(instruct, replace(cfg.model, model=instruct), roles=[(ROLE_INSTRUCT, FORMAT_CHAT)],
+        base, instruct_role = cfg.compare.base_model, ROLE_INSTRUCT if choice.own else ROLE_BASE_TEMPLATE
+        plans.append(ModelPlan(base, replace(cfg.model, model=base), roles=[(ROLE_BASE, FORMAT_PLAIN)],
+                               flag="--base_model"))
+        plans.append(ModelPlan(instruct, instruct_cfg, roles=[(instruct_role, FORMAT_CHAT)], flag=instruct_flag))
+        families = model_family(base, "--base_model"), model_family(instruct, instruct_flag)
+        if families[0] != families[1]:
+            note = FAMILY_NOTE.format(base=base, base_family=families[0], instruct=instruct,
+                                      instruct_family=families[1])
+    elif choice.own:
+        note = OFFLINE_NOTE.format(instruct=instruct, adapter=", plus the fine-tuned adapter" if adapter else "")
+        plans.append(ModelPlan(instruct, instruct_cfg, roles=[(ROLE_RAW, FORMAT_PLAIN), (ROLE_INSTRUCT, FORMAT_CHAT)],
                                flag=instruct_flag))
     else:
-        note = OFFLINE_NOTE.format(instruct=instruct, adapter=", plus the fine-tuned adapter" if adapter else "")
-        plans.append(ModelPlan(instruct, replace(cfg.model, model=instruct),
-                               roles=[(ROLE_RAW, FORMAT_PLAIN), (ROLE_INSTRUCT, FORMAT_CHAT)], flag=instruct_flag))
+        note = BASE_ONLY_NOTE.format(model=instruct, reason=choice.reason,
+                                     adapter=", plus the fine-tuned adapter" if adapter else "")
+        plans.append(ModelPlan(instruct, instruct_cfg, roles=[(ROLE_BASE_RAW, FORMAT_PLAIN),
+                                                              (ROLE_BASE_TEMPLATE, FORMAT_CHAT)], flag=instruct_flag))
     if adapter is not None:
         # The adapter sits on --model: the model that --task train fine-tuned.
         plans.append(ModelPlan(f"{cfg.model.model} + {adapter}", cfg.model, adapter=adapter,
@@ -219,8 +206,7 @@ def result_row(question: Question, plan: ModelPlan, role: str, prompt_format: st
 def _load(plan: ModelPlan):
     if plan.adapter is not None:
         return load_model_with_adapter(plan.model_cfg, plan.adapter)
-    source = resolve_model(plan.model_cfg.model)
-    return load_model(plan.model_cfg, source), load_tokenizer(plan.model_cfg, source)
+    return load_model_and_tokenizer(plan.model_cfg)
 
 
 def generate_for_plan(plan: ModelPlan, questions: list[Question], cfg: Config) -> tuple[list[dict], dict]:
@@ -328,7 +314,8 @@ def run(cfg: Config) -> dict:
     stats = summarise(rows, seconds)
     table = answer_table(questions, rows)
     summary = {
-        "note": note, "has_base_model": bool(cfg.compare.base_model), "csv": CSV_NAME,
+        "note": note, "has_base_model": any(role in (ROLE_BASE, ROLE_BASE_RAW) for p in plans for role, _ in p.roles),
+        "csv": CSV_NAME,
         "models": stats, "answers": table, "plain_prompt": PLAIN_PROMPT,
         "settings": {"max_new_tokens": cfg.compare.max_new_tokens, "do_sample": cfg.compare.do_sample,
                      "temperature": cfg.compare.temperature if cfg.compare.do_sample else None,

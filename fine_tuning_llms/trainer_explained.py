@@ -51,6 +51,7 @@ from .engine.models import load_model, load_tokenizer, resolve_model
 from .engine.outputs import TaskOutputs
 from .engine.plots import line_plot
 from .engine.report_html import esc, fmt, image, key_values, read_csv, read_json, spread, table
+from .engine.turn_formats import added_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class ExplainData:
     eval: list[dict]
     pad_token_id: int
     source: str
+    template_token_ids: list[int]   # turn tokens a base model's chat format added (rows grown, not trained)
 
 
 def explain_settings(cfg: Config) -> LoopSettings:
@@ -104,13 +106,17 @@ def prepare_data(cfg: Config, tokenizer, settings: LoopSettings) -> ExplainData:
         raise UserError(f"no training conversation keeps an assistant token within {max_length} tokens; "
                         "pass --max_length 128 or longer, or shorter conversations")
     eval_examples = encode(data.eval, EXPLAIN_EVAL_EXAMPLES)
-    return ExplainData(train=train, eval=eval_examples, pad_token_id=tokenizer.pad_token_id, source=data.train.source)
+    return ExplainData(train=train, eval=eval_examples, pad_token_id=tokenizer.pad_token_id, source=data.train.source,
+                       template_token_ids=added_token_ids(tokenizer))
 
 
-def build_lora_model(cfg: Config, source, seed: int):
+def build_lora_model(cfg: Config, source, seed: int, data: ExplainData):
     """Base model in float32 on CPU with a fresh LoRA adapter; the seed fixes the adapter's start."""
     base = load_model(replace(cfg.model, dtype="float32", device="cpu", load_8bit=False, load_4bit=False), source)
     set_seed(seed)  # lora_A is drawn from the global RNG: same seed, same initial adapter
+    if data.template_token_ids and max(data.template_token_ids) >= base.get_input_embeddings().weight.shape[0]:
+        # rows for the turn tokens a base model's format added (drawn after the seed: both runs get the same)
+        base.resize_token_embeddings(max(data.template_token_ids) + 1)
     return get_peft_model(base, lora_config(cfg.train, dropout=0.0))  # dropout 0: the two runs must be deterministic
 
 
@@ -219,7 +225,7 @@ def run_customisations(cfg: Config, source, data: ExplainData, settings: LoopSet
                        baseline: dict[int, dict]) -> tuple[list[dict], dict]:
     """The compute_loss override and the NaN-stopping callback, each run for a few real steps."""
     steps = min(CUSTOM_STEPS, settings.max_steps)
-    model = build_lora_model(cfg, source, settings.seed)
+    model = build_lora_model(cfg, source, settings.seed, data)
     smoothed, _ = train_with_trainer(model, data, settings, work_dir / "smoothed", label_smoothing=LABEL_SMOOTHING,
                                      stop_after=steps, evaluate=False)
     logs = trainer_step_logs(smoothed)
@@ -229,7 +235,7 @@ def run_customisations(cfg: Config, source, data: ExplainData, settings: LoopSet
               for s in range(1, steps + 1) if s in logs and s in baseline and s in smoothed.plain_ce]
     del model, smoothed
 
-    model = build_lora_model(cfg, source, settings.seed)
+    model = build_lora_model(cfg, source, settings.seed, data)
     fault_step = min(FAULT_STEP, steps)
     current = {"step": 0}
 
@@ -290,8 +296,8 @@ def run(cfg: Config) -> dict:
     log.info("explain: %d training / %d held-out examples, %d steps of %d x %d sequences, lr %g, warm-up %d steps",
              len(data.train), len(data.eval), settings.max_steps, settings.grad_accum, settings.batch_size,
              settings.lr, settings.warmup_steps)
-    trainer_model = build_lora_model(cfg, source, settings.seed)
-    manual_model = build_lora_model(cfg, source, settings.seed)
+    trainer_model = build_lora_model(cfg, source, settings.seed, data)
+    manual_model = build_lora_model(cfg, source, settings.seed, data)
     if max_abs_difference(trainable_state(trainer_model), trainable_state(manual_model)) != 0.0:
         raise RuntimeError("the two LoRA adapters start from different weights; the seed did not fix their init")
     with tempfile.TemporaryDirectory(prefix="explain-") as work:

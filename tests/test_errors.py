@@ -277,7 +277,7 @@ def test_missing_hub_repo(data_file, out, monkeypatch, capsys):
 
 def test_local_model_mistakes(tiny_model_dir, data_file, out, tmp_path, capsys):
     cases = {
-        "./no/such/folder": "not found: pass 'smollm2-135m-instruct', an existing model folder",
+        "./no/such/folder": "not found: pass 'smollm2-135m-instruct', 'gemma-3-270m', an existing model folder",
         tmp_path / "empty": "has no config.json; pass the folder that save_pretrained wrote",
         tiny_model_dir / "model.safetensors": "is a file but not a .gguf",
         copy_model_files(tiny_model_dir, tmp_path / "no_tokenizer", tokenizer=False): "has no tokenizer files",
@@ -323,17 +323,24 @@ def test_pickle_weights_need_allow_pickle(pickle_model_dir, out, capsys):
     assert code == 0, err
 
 
-def test_missing_chat_template_offers_chatml(no_template_dir, data_file, out, tmp_path, capsys):
+def test_template_less_model_gets_a_format_its_vocabulary_represents(no_template_dir, data_file, out, tmp_path,
+                                                                      capsys):
+    # auto (the default): <|im_start|>/<|im_end|> are single tokens of this vocabulary, so ChatML as is
     code, _, err = run_cli(preprocess_args(no_template_dir, data_file, out), capsys)
-    assert_clean_error(code, err, "has no chat template", "--chat_template chatml", "--chat_template path/to")
-    assert files_under(out) == []
+    assert code == 0, err
+    saved = json.loads((out / "processed_conversations.json").read_text())
+    assert saved["summary"]["template"]["choice"] == {
+        "name": "chatml", "kind": "base", "end_of_turn": "<|im_end|>", "added_tokens": [],
+        "reason": saved["summary"]["template"]["choice"]["reason"]}
+    assert saved["examples"][0]["text"].startswith("<|im_start|>")
     code, _, err = run_cli(preprocess_args(no_template_dir, data_file, out, "--chat_template", tmp_path / "x.jinja"),
                            capsys)
     assert_clean_error(code, err, "--chat_template", "no such file")
-    code, _, err = run_cli(preprocess_args(no_template_dir, data_file, out, "--chat_template", "chatml"), capsys)
-    assert code == 0, err
-    saved = json.loads((out / "processed_conversations.json").read_text())
-    assert saved["examples"][0]["text"].startswith("<|im_start|>")
+    empty = tmp_path / "empty.jinja"
+    empty.write_text("", encoding="utf-8")
+    code, _, err = run_cli(preprocess_args(no_template_dir, data_file, out, "--chat_template", empty), capsys)
+    assert_clean_error(code, err, "has no chat template", "--chat_template auto", "--chat_template path/to")
+    assert "chatml" not in err   # never advise a format the vocabulary may not hold as tokens
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -234,6 +234,10 @@ TOOL_FAMILIES = {
 }
 
 
+# A base tokenizer without the turn tokens of any chat format (like many pre-trained models).
+BASE_FAMILIES = {"plain": dict(bos="<s>", eos="</s>", pad=None, extra=["<s>", "</s>"], template=None)}
+
+
 def plain_template(template: str) -> str:
     """The same template without generation tags (what most real templates look like)."""
     return template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
@@ -243,14 +247,14 @@ def build_tokenizer(family: str = "chatml", *, with_generation_tags: bool = Fals
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    spec = {**FAMILIES, **TOOL_FAMILIES}[family]
+    spec = {**FAMILIES, **TOOL_FAMILIES, **BASE_FAMILIES}[family]
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(dict.fromkeys(spec["extra"])),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     core.train_from_iterator(CORPUS, trainer=trainer)
-    template = spec["template"] if with_generation_tags else plain_template(spec["template"])
+    template = spec["template"] if with_generation_tags or not spec["template"] else plain_template(spec["template"])
     kwargs = dict(tokenizer_object=core, bos_token=spec["bos"], eos_token=spec["eos"], chat_template=template)
     if spec["pad"]:
         kwargs["pad_token"] = spec["pad"]
@@ -333,4 +337,27 @@ def save_family_checkpoint(folder: Path, family: str, *, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
+    return folder
+
+
+def save_base_checkpoint(folder: Path, *, tokenizer_family: str, model_family: str, tie: bool = True,
+                         seed: int = 0) -> Path:
+    """A tiny random *base* model: the tokenizer of ``tokenizer_family`` without any chat template."""
+    tok = build_tokenizer(tokenizer_family)
+    tok.chat_template = None
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+           "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+    model = build_family_model(model_family, len(tok), seed=seed, special_ids=ids)
+    if not tie:  # an untied head: the rows of added tokens must be trained in the head too
+        import torch
+
+        model.config.tie_word_embeddings = False
+        # x25: rows of std 0.5, so a 64-wide hidden state can reach confident logits through the frozen head
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 25)
+    for name, value in ids.items():
+        setattr(model.generation_config, name, value)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    assert not (folder / "chat_template.jinja").exists()
     return folder

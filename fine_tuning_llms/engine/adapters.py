@@ -83,7 +83,7 @@ def load_model_with_adapter(model_cfg: ModelConfig, adapter_dir: str | Path):
     if len(tokenizer) > rows:
         log.info("Tokenizer of %s has %d tokens, the base embeddings %d rows: resizing for the added tokens.",
                  folder, len(tokenizer), rows)
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the adapter brings the rows
     try:
         model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:

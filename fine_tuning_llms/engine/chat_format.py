@@ -28,12 +28,11 @@ import logging
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from . import tool_format
+from . import tool_format, turn_formats
 from .data import Conversation
 from .errors import UserError
 from .tool_data import has_agent_parts
@@ -45,28 +44,16 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def ensure_chat_template(tokenizer, option: str | None) -> None:
-    """Install --chat_template ('chatml' or a Jinja file) or leave the tokenizer's own."""
-    if option:
-        if option == "chatml":
-            tokenizer.chat_template = CHATML_TEMPLATE
-        else:
-            path = Path(option)
-            if not path.is_file():
-                raise UserError(f"--chat_template {option}: not 'chatml' and no such file; pass chatml or a Jinja file")
-            tokenizer.chat_template = path.read_text(encoding="utf-8")
-    # Without a template there is nothing to check yet: tasks that need one call require_chat_template.
+def ensure_chat_template(tokenizer, option: str | None):
+    """Install the template --chat_template asks for (``auto``: the tokenizer's own, or for a base model a
+    format its vocabulary can represent; turn_formats.py); returns the TemplateChoice."""
+    return turn_formats.apply_template(tokenizer, option)
 
 
 def require_chat_template(tokenizer, name: str = "this tokenizer") -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"{name} has no chat template; pass --chat_template chatml or --chat_template path/to/template.jinja")
+        raise UserError(f"{name} has no chat template; pass --chat_template auto (a format its vocabulary can "
+                        "represent) or --chat_template path/to/template.jinja")
 
 
 def ensure_pad_token(tokenizer) -> None:

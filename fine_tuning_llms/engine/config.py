@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_BASE_MODEL = "gemma-3-270m"   # optional: `make base-model` (engine/base_model.py)
 TASKS_IN_ORDER = ("special_tokens", "preprocess", "explain", "train", "compare")
 
 
@@ -20,8 +21,9 @@ def _f(default, help: str, **extra):
 
 @dataclass
 class ModelConfig:
-    model: str = _f(EMBEDDED_MODEL, "Model to use: 'smollm2-135m-instruct' (embedded, offline), a local "
-                    "model folder, a local .gguf file, or a hub id such as meta-llama/Llama-3.2-1B-Instruct.")
+    model: str = _f(EMBEDDED_MODEL, "Model to use: 'smollm2-135m-instruct' (embedded, offline), 'gemma-3-270m' "
+                    "(a base model, offline after `make base-model`), a local model folder, a local .gguf file, or "
+                    "a hub id such as meta-llama/Llama-3.2-1B-Instruct.")
     dtype: str = _f("auto", "Weight dtype: auto (bfloat16/float16 on CUDA, float32 on CPU), float32, bfloat16.",
                     choices=["auto", "float32", "bfloat16", "float16"])
     device: str = _f("auto", "Device: auto (CUDA when present, else CPU), cpu, cuda.", choices=["auto", "cpu", "cuda"])
@@ -34,8 +36,10 @@ class ModelConfig:
                                  "turn it on for models you trust.")
     allow_pickle: bool = _f(False, "Allow loading pickle (.bin) weights. Off by default: pickle can run code; "
                             "safetensors cannot.")
-    chat_template: str | None = _f(None, "Chat template for tokenizers without one: 'chatml' or a path to a "
-                                      "Jinja file.")
+    chat_template: str = _f("auto", "Chat template: auto (the tokenizer's own; for a base model without one, a "
+                            "format whose turn tokens are single tokens of its vocabulary: gemma, llama3 or chatml, "
+                            "else chatml with <|im_start|>/<|im_end|> added and trained), chatml, gemma, llama3, "
+                            "or a path to a Jinja file.")
 
 
 @dataclass

@@ -61,13 +61,29 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 def stop_token_ids(model, tokenizer) -> list[int]:
     """eos of the tokenizer + eos ids of the model's generation config + template end-of-turn."""
+    from .turn_formats import end_of_turn_id
+
     ids: list[int] = []
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, gen_eos, end_of_turn_ids(tokenizer)):
+    for value in (tokenizer.eos_token_id, gen_eos, end_of_turn_ids(tokenizer), end_of_turn_id(tokenizer)):
         if value is None:
             continue
         ids.extend(value if isinstance(value, (list, tuple)) else [value])
     return list(dict.fromkeys(int(i) for i in ids))
+
+
+def chat_generation_config(model, tokenizer):
+    """The model's generation config with every stop id above as ``eos_token_id``: saved beside an
+    adapter or merged model so that plain ``generate()`` stops at the end of a turn too (a base
+    model's own config knows only its eos, not the end-of-turn token its fine-tune learned)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig.from_dict(model.generation_config.to_dict()) if getattr(
+        model, "generation_config", None) is not None else GenerationConfig()
+    config.eos_token_id = stop_token_ids(model, tokenizer)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
 
 
 def left_pad(prompts_ids: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import torch
 
 from .config import Config, TrainConfig
 from .errors import UserError
+from .turn_formats import added_token_ids, template_choice
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,14 @@ def is_single_special_token(tokenizer, token: str) -> bool:
     return len(ids) == 1 and ids[0] in decoder and decoder[ids[0]].special and decoder[ids[0]].content == token
 
 
-def add_special_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
+def add_special_tokens(model, tokenizer, tokens: list[str], *, fresh_ids: Sequence[int] = ()) -> list[int]:
     """Add ``tokens`` as special tokens, grow the embeddings, initialise new rows to the mean row.
 
     Returns the id of every requested token, in order. Tokens that already are one special
-    token keep their id and their trained rows (no-op). Output heads that are not tied to the
-    input embeddings get mean-initialised rows too.
+    token keep their id and their trained rows (no-op), except those in ``fresh_ids``: tokens
+    the chat-template choice put into the tokenizer already (turn_formats.py), whose rows the
+    model does not have yet. Output heads that are not tied to the input embeddings get
+    mean-initialised rows too.
     """
     tokens = check_new_tokens(tokens)
     old_len = len(tokenizer)
@@ -62,14 +65,15 @@ def add_special_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
         # replace_extra_special_tokens=False keeps the special tokens the tokenizer already lists
         tokenizer.add_special_tokens({"additional_special_tokens": todo}, replace_extra_special_tokens=False)
     ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in tokens]
-    fresh = sorted({i for i in ids if i >= old_len})
+    fresh = sorted({i for i in ids if i >= old_len} | {int(i) for i in fresh_ids})
     if not fresh:
         return ids
     embeddings = model.get_input_embeddings()
-    mean_in = embeddings.weight.detach()[:old_len].float().mean(dim=0)
+    known = min(fresh[0], embeddings.weight.shape[0])   # rows below the first new id are real ones
+    mean_in = embeddings.weight.detach()[:known].float().mean(dim=0)
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is embeddings.weight
-    mean_out = None if output is None or tied else output.weight.detach()[:old_len].float().mean(dim=0)
+    mean_out = None if output is None or tied else output.weight.detach()[:known].float().mean(dim=0)
     if len(tokenizer) > embeddings.weight.shape[0]:
         # mean_resizing=False: transformers would otherwise sample rows around the mean; we want the mean itself
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -81,10 +85,18 @@ def add_special_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
             head = model.get_output_embeddings()
             head.weight[index] = mean_out.to(head.weight.dtype)
             if getattr(head, "bias", None) is not None:
-                head.bias[index] = head.bias[:old_len].mean().to(head.bias.dtype)
+                head.bias[index] = head.bias[:known].mean().to(head.bias.dtype)
     log.info("Added %d token(s) %s -> ids %s; embeddings now %d rows, new rows = mean row",
-             len(fresh), todo, fresh, model.get_input_embeddings().weight.shape[0])
+             len(fresh), [tokenizer.convert_ids_to_tokens(i) for i in fresh], fresh,
+             model.get_input_embeddings().weight.shape[0])
     return ids
+
+
+def fit_template_tokens(model, tokenizer) -> list[int]:
+    """Rows for the control tokens the chat-template choice added to ``tokenizer`` (a base model given
+    ChatML, turn_formats.py): grown and mean-initialised; their ids, or [] when it added none."""
+    tokens = list(template_choice(tokenizer).added_tokens)
+    return add_special_tokens(model, tokenizer, tokens, fresh_ids=added_token_ids(tokenizer)) if tokens else []
 
 
 def _module_leaf_name(model, module) -> str | None:
@@ -122,10 +134,12 @@ def prepare_peft_model(cfg: Config, model, tokenizer):
 
     new_ids: list[int] = []
     extra: dict = {}
-    if cfg.train.new_tokens:
-        new_ids = add_special_tokens(model, tokenizer, cfg.train.new_tokens)
+    # --new_tokens, plus the turn tokens a base model's chat format needed (turn_formats.py)
+    tokens = list(cfg.train.new_tokens or []) + list(template_choice(tokenizer).added_tokens)
+    if tokens:
+        new_ids = add_special_tokens(model, tokenizer, tokens, fresh_ids=added_token_ids(tokenizer))
         extra = lora_kwargs_for_new_tokens(new_ids, model=model) if new_ids else {}
-        log.info("Added %d new token(s) %s; their embedding rows are trained.", len(new_ids), cfg.train.new_tokens)
+        log.info("Added %d new token(s) %s; their embedding rows are trained.", len(new_ids), tokens)
     if cfg.model.load_8bit or cfg.model.load_4bit:
         # Casts norms to fp32 and enables input grads so LoRA trains through frozen k-bit layers.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 from .artefacts import atomic_directory, atomic_write_json, package_versions
 from .config import Config
 from .errors import UserError
+from .generation import chat_generation_config
 from .models import load_model
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def merge_adapter(cfg: Config, adapter_dir: Path, target: Path) -> Path:
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come from the adapter
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.generation_config = chat_generation_config(merged, tokenizer)  # stops at the end of a turn
     try:
         with atomic_directory(target, overwrite=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import torch
 
 from .artefacts import atomic_directory
-from .config import EMBEDDED_MODEL, ModelConfig
+from .config import EMBEDDED_BASE_MODEL, EMBEDDED_MODEL, ModelConfig
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,10 @@ def resolve_model(spec: str, *, flag: str = "--model") -> ModelSource:
     """Turn what the user typed into a place ``from_pretrained`` can read, or raise UserError."""
     if spec == EMBEDDED_MODEL:
         return ModelSource(str(embedded_model_folder()), "embedded", spec)
+    if spec == EMBEDDED_BASE_MODEL:
+        from .base_model import assembled_gguf
+
+        return ModelSource(str(_converted_folder(assembled_gguf(cache_root()), spec)), "embedded", spec)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -166,7 +170,7 @@ def resolve_model(spec: str, *, flag: str = "--model") -> ModelSource:
             raise UserError(f"{flag} {spec} has no config.json; pass the folder that save_pretrained wrote")
         return ModelSource(str(path), "folder", spec)
     if not HUB_ID_PATTERN.match(spec):  # also rejects ./x, /x, ~/x and a/b/c: paths that do not exist
-        raise UserError(f"{flag} {spec!r} not found: pass '{EMBEDDED_MODEL}', an existing model folder, "
+        raise UserError(f"{flag} {spec!r} not found: pass '{EMBEDDED_MODEL}', '{EMBEDDED_BASE_MODEL}', an existing model folder, "
                         "a .gguf file, or a hub id like org/name")
     cached = hub_cached(spec)
     if cached:
@@ -251,6 +255,16 @@ def load_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
     ensure_chat_template(tokenizer, cfg.chat_template)
     ensure_pad_token(tokenizer)
     return tokenizer
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, source: ModelSource | None = None):
+    """(model, tokenizer) for inference, the embeddings grown for turn tokens the chat format added."""
+    from .lora import fit_template_tokens
+
+    source = source or resolve_model(cfg.model)
+    model, tokenizer = load_model(cfg, source), load_tokenizer(cfg, source)
+    fit_template_tokens(model, tokenizer)
+    return model, tokenizer
 
 
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):

@@ -141,7 +141,7 @@ def plan_models(cfg: Config) -> tuple[list[ModelPlan], str | None]:
         plans.append(ModelPlan(instruct, instruct_cfg, roles=[(ROLE_RAW, FORMAT_PLAIN), (ROLE_INSTRUCT, FORMAT_CHAT)],
                                flag=instruct_flag))
     else:
-        note = BASE_ONLY_NOTE.format(model=instruct, reason=choice.reason,
+        note = BASE_ONLY_NOTE.format(model=instruct, reason=f"{choice.name}, {choice.reason}",
                                      adapter=", plus the fine-tuned adapter" if adapter else "")
         plans.append(ModelPlan(instruct, instruct_cfg, roles=[(ROLE_BASE_RAW, FORMAT_PLAIN),
                                                               (ROLE_BASE_TEMPLATE, FORMAT_CHAT)], flag=instruct_flag))

@@ -105,11 +105,11 @@ def choose_template(tokenizer, option: str | None) -> TemplateChoice:
             return TemplateChoice("own", "the tokenizer's own chat template", True)
         for fmt in FORMATS:
             if all(is_single_token(tokenizer, t) for t in fmt.control_tokens):
-                return TemplateChoice(fmt.name, f"base model (no chat template of its own); {fmt.name}: "
-                                      f"{' '.join(fmt.control_tokens)} are single tokens of its vocabulary",
+                return TemplateChoice(fmt.name, f"no chat template of its own; {' '.join(fmt.control_tokens)} "
+                                      "are single tokens of its vocabulary",
                                       False, fmt.end_of_turn)
-        return _use_format(CHATML, False, tokenizer, "base model (no chat template of its own) and none of the "
-                           "gemma/llama3/chatml turn tokens in its vocabulary: chatml")
+        return _use_format(CHATML, False, tokenizer, "no chat template of its own and none of the gemma/llama3/chatml "
+                           "turn tokens in its vocabulary")
     if option in BY_NAME:
         return _use_format(BY_NAME[option], own, tokenizer, f"--chat_template {option}")
     if not Path(option).is_file():

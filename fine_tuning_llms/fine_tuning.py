@@ -171,6 +171,9 @@ def run(cfg: Config) -> dict:
     chat_format.require_chat_template(tokenizer, cfg.model.model)
     log.info("%s", template_choice(tokenizer).describe())
     check_max_length(tokenizer, cfg.data.max_length)  # fail in a second, before loading weights
+    if cfg.export.export == "gguf":
+        from .engine.gguf_export import check_exportable
+        check_exportable(source)
     data = load_train_eval(cfg.data)
     train_set = tokenize_conversations(tokenizer, data.train.conversations, max_length=cfg.data.max_length,
                                        train_on=cfg.data.train_on, desc="Tokenizing train",
@@ -301,6 +304,9 @@ def run(cfg: Config) -> dict:
     if cfg.train.merge:
         from .engine.merging import merge_adapter
         result["merged_model"] = str(merge_adapter(cfg, final, out / "final_model_merged"))
+    if cfg.export.export == "gguf":
+        from .engine.gguf_check import export_and_check
+        result["export"] = export_and_check(cfg, final, out)
     return result
 
 

@@ -53,14 +53,20 @@ def adapter_base_name(adapter_dir: str | Path) -> str | None:
     return data.get("base_model_name_or_path")
 
 
-def _warn_if_other_base(adapter_dir: Path, source: ModelSource) -> None:
+def other_base(adapter_dir: Path, source: ModelSource) -> str | None:
+    """The base recorded in the adapter when it is not ``source`` (None: same base, or none recorded)."""
     recorded = adapter_base_name(adapter_dir)
     if not recorded:
-        return
+        return None
     same = recorded in (source.location, source.display_name)
     if not same and Path(recorded).exists() and Path(source.location).exists():
         same = Path(recorded).resolve() == Path(source.location).resolve()
-    if not same:
+    return None if same else recorded
+
+
+def _warn_if_other_base(adapter_dir: Path, source: ModelSource) -> None:
+    recorded = other_base(adapter_dir, source)
+    if recorded:
         log.warning("Adapter %s was trained on %s but is being loaded onto %s (--model). If its answers look "
                     "broken, pass the training model with --model.", adapter_dir, recorded, source.display_name)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_BASE_MODEL = "gemma-3-270m"   # optional: `make base-model` (engine/base_model.py)
-TASKS_IN_ORDER = ("special_tokens", "preprocess", "explain", "train", "compare")
+TASKS_IN_ORDER = ("special_tokens", "preprocess", "explain", "train", "compare", "export")
 
 
 def _f(default, help: str, **extra):
@@ -128,6 +128,17 @@ class CompareConfig:
 
 
 @dataclass
+class ExportConfig:
+    export: str = _f("none", "After --task train: 'gguf' also exports the fine-tuned model as a GGUF file (what "
+                     "--task export does).", choices=["none", "gguf"])
+    gguf_type: str = _f("q8_0", "GGUF weight type for --task export: q8_0 (8-bit, ~1/4 of float32), f16, bf16, "
+                        "f32 (for checks).", choices=["q8_0", "f16", "bf16", "f32"])
+    verify_export: bool = _f(True, "After exporting, answer the compare questions with llama.cpp and with "
+                             "transformers and report how many agree (needs llama-cpp-python: `make llama-cpp`; "
+                             "skipped with a note without it).")
+
+
+@dataclass
 class RunConfig:
     task: str = _f("all", "Task to run; 'all' runs every task in order, each feeding the next.")
     output_dir: str = _f("./results", "Folder for every output of the run.")
@@ -144,8 +155,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
-    GROUPS = ("run", "model", "data", "train", "compare")
+    GROUPS = ("run", "model", "data", "train", "compare", "export")
 
     def to_dict(self) -> dict:
         """Flat {flag: value} view: what is saved next to outputs (no secrets are ever fields)."""

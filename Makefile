@@ -34,7 +34,8 @@ llama-cpp: install
 
 demo: install
 	# --overwrite_output_dir: running the demo again replaces the demo's own results/final_model/.
-	$(PY) run_fine_tuning.py --overwrite_output_dir
+	# --export gguf: the demo ends with results/export/*-q8_0.gguf and the commands that run it.
+	$(PY) run_fine_tuning.py --overwrite_output_dir --export gguf
 
 test: install
 	$(PY) -m ruff check .

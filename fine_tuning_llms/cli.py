@@ -259,8 +259,10 @@ def validate(cfg: Config) -> None:
 
 def run_tasks(cfg: Config) -> dict:
     tasks = available_tasks()
-    # `--task all` runs TASKS_IN_ORDER: compare comes after train so it includes the new adapter.
-    names = [n for n in TASKS_IN_ORDER if n in tasks] if cfg.run.task == "all" else [cfg.run.task]
+    # `--task all` runs TASKS_IN_ORDER: compare comes after train so it includes the new adapter, and
+    # export (only with --export gguf: it covers two families) comes last, from that adapter.
+    names = [n for n in TASKS_IN_ORDER if n in tasks and (n != "export" or cfg.export.export == "gguf")] \
+        if cfg.run.task == "all" else [cfg.run.task]
     # One writing run at a time per output folder; report and chat only read it.
     writes = any(name not in READ_ONLY_TASKS for name in names)
     with output_lock(cfg.run.output_dir) if writes else contextlib.nullcontext():
@@ -271,6 +273,11 @@ def _run_in_order(cfg: Config, tasks: dict[str, str], names: list[str]) -> dict:
     if "train" in names:
         # Refuse to overwrite an earlier final_model/ now, not after the tasks before train ran.
         importlib.import_module(tasks["train"]).check_output_dir(cfg)
+    if cfg.export.export == "gguf" and {"train", "export"} & set(names):
+        from .engine.gguf_export import check_exportable
+        from .engine.models import resolve_model
+
+        check_exportable(resolve_model(cfg.model.model))  # family and converter, before hours of training
     results = {}
     for i, name in enumerate(names, 1):
         log.info("=== [%d/%d] task %s ===", i, len(names), name)

@@ -68,4 +68,4 @@ def report_glance(folder: Path) -> list[str]:
 
 
 OUTPUTS = TaskOutputs(task="export", section_id="export", title="GGUF 내보내기 / GGUF export",
-                      files=(SUMMARY_NAME,), section=report_section, glance=report_glance)
+                      files=(SUMMARY_NAME,), section=report_section, glance=report_glance, optional=True)

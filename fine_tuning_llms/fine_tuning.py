@@ -304,7 +304,7 @@ def run(cfg: Config) -> dict:
     if cfg.train.merge:
         from .engine.merging import merge_adapter
         result["merged_model"] = str(merge_adapter(cfg, final, out / "final_model_merged"))
-    if cfg.export.export == "gguf":
+    if cfg.export.export == "gguf" and cfg.run.task == "train":  # with --task all, the export task does it
         from .engine.gguf_check import export_and_check
         result["export"] = export_and_check(cfg, final, out)
     return result

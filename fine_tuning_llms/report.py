@@ -150,7 +150,7 @@ def build_report(output_dir: str | Path, outputs: Sequence[TaskOutputs]) -> Path
     folder = Path(output_dir)
     try:
         overview = Section("overview", "개요 / Overview", None, overview_body(folder, outputs))
-        sections = [overview] + [build_section(folder, o) for o in outputs]
+        sections = [overview] + [build_section(folder, o) for o in outputs if o.ran(folder) or not o.optional]
     finally:
         forget_parsed_json()  # do not keep a large processed dataset alive inside a training process
     page = hide_tokens(render_page(folder, sections))  # last guard: no token-shaped text

@@ -138,6 +138,8 @@ def test_round_trip_gives_the_merged_models_logits(smol_shaped, gguf_type, bound
     gguf = Path(summary["gguf"])
     assert gguf.name == f"model-finetuned-{gguf_type}.gguf" and gguf.stat().st_size == summary["bytes"]
     assert [p.name for p in (tmp_path / "export").iterdir() if p.name.startswith(".")] == []   # no temp left
+    report = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert 'id="export"' in report and gguf.name in report and "llama-cli -m" in report
 
     tok = AutoTokenizer.from_pretrained(adapter)
     fields = GGUFReader(str(gguf)).fields
@@ -179,3 +181,14 @@ def test_llama_cpp_answers_like_the_fine_tuned_model(tmp_path, caplog):
     assert summary["check"]["compared"] == "first 20 tokens" and summary["check"]["equal"] >= 8
     modelfile = (out / "export" / "smollm2-135m-instruct-finetuned-q8_0.Modelfile").read_text()
     assert modelfile.count('PARAMETER stop "<|im_end|>"') == 1 and "FROM ./smollm2-135m-instruct-finetuned-q8_0.gguf" in modelfile
+
+
+def test_train_with_export_refuses_an_uncovered_family_before_training(tmp_path, capsys, write_jsonl,
+                                                                        sample_conversations):
+    qwen = save_family_checkpoint(tmp_path / "qwen2", "qwen2")
+    capsys.readouterr()
+    code = main(["--task", "train", "--model", str(qwen), "--dataset_path", str(write_jsonl(sample_conversations)),
+                 "--output_dir", str(tmp_path / "out"), "--export", "gguf"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "covers Llama" in err
+    assert not (tmp_path / "out" / "final_model").exists() and not (tmp_path / "out" / "checkpoints").exists()

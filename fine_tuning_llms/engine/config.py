@@ -129,8 +129,9 @@ class CompareConfig:
 
 @dataclass
 class ExportConfig:
-    export: str = _f("none", "After --task train: 'gguf' also exports the fine-tuned model as a GGUF file (what "
-                     "--task export does).", choices=["none", "gguf"])
+    export: str = _f("none", "'gguf': also export the fine-tuned model as a GGUF file at the end of --task train "
+                     "(or of --task all, as its last task); what --task export does on its own.",
+                     choices=["none", "gguf"])
     gguf_type: str = _f("q8_0", "GGUF weight type for --task export: q8_0 (8-bit, ~1/4 of float32), f16, bf16, "
                         "f32 (for checks).", choices=["q8_0", "f16", "bf16", "f32"])
     verify_export: bool = _f(True, "After exporting, answer the compare questions with llama.cpp and with "

@@ -26,6 +26,8 @@ class TaskOutputs:
     glance: Callable[[Path], list[str]] = no_lines
     # (settings, package versions) the run recorded, for the overview; None when it records neither.
     recorded: Callable[[Path], tuple[dict, dict]] | None = None
+    # An extra step (export): the report shows its section when it ran and never lists it as "not run".
+    optional: bool = False
 
     def ran(self, folder: Path) -> bool:
         return any((Path(folder) / name).is_file() for name in self.files)

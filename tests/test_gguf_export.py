@@ -192,3 +192,19 @@ def test_train_with_export_refuses_an_uncovered_family_before_training(tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "covers Llama" in err
     assert not (tmp_path / "out" / "final_model").exists() and not (tmp_path / "out" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("family,start,stop", [("chatml", "<|im_start|>{{ .Role }}", "<|im_end|>"),
+                                               ("gemma", '<start_of_turn>{{ if eq .Role "assistant" }}model',
+                                                "<end_of_turn>"),
+                                               ("llama3", "<|start_header_id|>{{ .Role }}<|end_header_id|>", "<|eot_id|>")])
+def test_modelfile_speaks_the_models_chat_format(family, start, stop, tmp_path):
+    tok = build_tokenizer(family)
+    plan = gguf_export.ExportPlan(adapter=tmp_path, source=None, architecture="LlamaForCausalLM", parameters=0,
+                                  gguf_type="q8_0", target=tmp_path / f"m-{family}-q8_0.gguf", tokenizer=tok)
+    text = gguf_export.write_modelfile(plan).read_text(encoding="utf-8")
+    assert f"FROM ./m-{family}-q8_0.gguf" in text and start in text
+    assert f'PARAMETER stop "{stop}"' in text and text.count("PARAMETER stop") == 1
+    assert 'TEMPLATE """{{- range .Messages }}' in text       # no BOS of our own: llama.cpp adds it
+    # The tiny ChatML template injects a default system prompt: Ollama gets the same one.
+    assert ('SYSTEM """You are a tiny test assistant."""' in text) == (family == "chatml")

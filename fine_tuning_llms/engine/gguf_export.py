@@ -224,8 +224,8 @@ def write_modelfile(plan: ExportPlan) -> Path:
         lines.append("# Chat template: the one stored in the GGUF file (not one of chatml/gemma/llama3).")
     else:
         turn, prompt = _OLLAMA_TURNS[fmt]
-        bos = tokenizer.bos_token if fmt in ("gemma", "llama3") and tokenizer.bos_token else ""
-        lines.append(f'TEMPLATE """{bos}{{{{- range .Messages }}}}{turn}{{{{ end }}}}{prompt}"""')
+        # No BOS in the template: llama.cpp adds it when the GGUF says so (add_bos_token), as for raw prompts.
+        lines.append(f'TEMPLATE """{{{{- range .Messages }}}}{turn}{{{{ end }}}}{prompt}"""')
         system = default_system_prompt(tokenizer)
         if system:
             lines.append(f'SYSTEM """{system}"""')

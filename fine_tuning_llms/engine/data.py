@@ -45,6 +45,17 @@ class LoadedData:
     skipped: Counter = field(default_factory=Counter)   # reason -> count (with --skip_invalid)
 
 
+
+def json_list(text: str, where: str, expected: str) -> list:
+    """``text`` parsed as a JSON list, or a one-line UserError naming ``where`` (and the line)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
+    if not isinstance(data, list):
+        raise UserError(f"{where}: expected {expected}")
+    return data
+
 def sample_dataset_path(name: str = SAMPLE_TRAIN) -> Path:
     return Path(str(resources.files("fine_tuning_llms") / "data" / name))
 
@@ -68,12 +79,7 @@ def read_records(path: str | Path) -> list[tuple[str, Any]]:
         raise UserError(f"{path}: the file is empty; add conversations to it")
     stripped = text.lstrip()
     if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON array of records")
+        data = json_list(text, str(path), "a JSON array of records")
         return [(f"{path} record {i}", r) for i, r in enumerate(data)]
     if stripped.startswith("{") and path.suffix.lower() == ".json":
         try:

@@ -1,11 +1,11 @@
 """The question sets compare (and its benchmark) ask every model: the built-in set or a user's file."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from .data import json_list
 from .errors import UserError
 
 
@@ -42,12 +42,7 @@ def load_questions(path: str | Path | None = None) -> list[Question]:
         questions = [Question(line.strip()) for line in text.splitlines()
                      if line.strip() and not line.lstrip().startswith("#")]
     elif p.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{flag}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
-        if not isinstance(data, list):
-            raise UserError(f"{flag}: expected a JSON list of questions")
+        data = json_list(text, flag, "a JSON list of questions")
         questions = [_question_from_json(item, f"{flag} item {i}") for i, item in enumerate(data)]
     else:
         raise UserError(f"{flag}: unknown file type {p.suffix!r}; use .txt (one per line) or .json (a list)")

@@ -36,6 +36,7 @@ from .engine.config import Config, ModelConfig
 from .engine.lora import (
     add_special_tokens,
     check_new_tokens,
+    fit_template_tokens,
     is_single_special_token,
     lora_config,
     lora_kwargs_for_new_tokens,
@@ -329,6 +330,7 @@ def run(cfg: Config) -> dict:
     tokenizer = load_tokenizer(model_cfg, source)
     require_chat_template(tokenizer, source.display_name)
     model = load_model(model_cfg, source)
+    fit_template_tokens(model, tokenizer)  # rows for turn tokens a base model's chat format added
     lap("load")
     # 1. what is there, 2. pitfalls, both on the untouched tokenizer
     inv = inventory(tokenizer, model)

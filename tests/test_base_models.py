@@ -66,6 +66,19 @@ def test_preprocess_shows_the_choice_and_encodes_turn_tokens_as_one_token(base, 
     assert trained[-1] == eot_id                              # the end of the reply is learned
 
 
+def test_special_tokens_and_explain_run_on_a_base_model(base, write_jsonl, sample_conversations, tmp_path):
+    """The other lessons take the same base model: its added turn tokens get rows before anything reads them."""
+    folder, (fmt, eot, added) = base
+    data = write_jsonl(sample_conversations * 4)
+    assert main(["--task", "special_tokens", "--model", str(folder), "--output_dir", str(tmp_path / "st"),
+                 "--lr", "1e-2"]) == 0
+    summary = json.loads((tmp_path / "st" / "special_tokens_summary.json").read_text())
+    assert summary["model"] and (tmp_path / "st" / "special_tokens_model" / "model.safetensors").is_file()
+    assert main(["--task", "explain", "--model", str(folder), "--dataset_path", str(data), "--output_dir",
+                 str(tmp_path / "ex"), "--max_steps", "2", "--lora_r", "4"]) == 0
+    assert (tmp_path / "ex" / "explain_summary.json").is_file()
+
+
 @pytest.fixture(scope="module")
 def trained(base, tmp_path_factory):
     """Train the tiny base model to answer "Hi" with REPLY (overfit on purpose: it must learn to stop)."""

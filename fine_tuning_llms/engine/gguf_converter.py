@@ -47,7 +47,7 @@ def converter_env(cache: Path) -> dict:
     folder = converter_dir(cache)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(folder / "gguf-py"), str(folder), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.setdefault("NO_LOCAL_GGUF", "")  # the script's own switch; empty = use the gguf-py next to it
+    env.pop("NO_LOCAL_GGUF", None)  # the script's switch: when unset it also puts its own gguf-py first
     return env
 
 

@@ -273,7 +273,7 @@ def _run_in_order(cfg: Config, tasks: dict[str, str], names: list[str]) -> dict:
     if "train" in names:
         # Refuse to overwrite an earlier final_model/ now, not after the tasks before train ran.
         importlib.import_module(tasks["train"]).check_output_dir(cfg)
-    if cfg.export.export == "gguf" and {"train", "export"} & set(names):
+    if cfg.export.export == "gguf" and len(names) > 1:  # alone, train and export check this themselves
         from .engine.gguf_export import check_exportable
         from .engine.models import resolve_model
 

@@ -41,7 +41,7 @@ from .engine.chat_format import generation_prompt_ids, require_chat_template
 from .engine.config import Config, ModelConfig
 from .engine.errors import UserError
 from .engine.generation import GenerationResult, generate_batch
-from .engine.models import load_model_and_tokenizer, load_tokenizer, resolve_model
+from .engine.models import ModelSource, load_model_and_tokenizer, load_tokenizer, resolve_model
 from .engine.outputs import TaskOutputs
 from .engine.questions import Question, load_questions
 from .engine.report_html import Html, esc, fmt, read_csv, read_json
@@ -50,7 +50,7 @@ from .engine.report_html import table as html_table
 from .engine.sample_tools import tools_for
 from .engine.tool_format import tools_prompt
 from .engine.tool_use import NO_CALL, describe_calls
-from .engine.turn_formats import TemplateChoice, template_choice
+from .engine.turn_formats import template_choice
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,8 @@ def default_adapter(cfg: Config) -> Path | None:
     return None
 
 
-def template_of(model_cfg: ModelConfig) -> TemplateChoice:
-    """The chat-template choice for this model (its tokenizer only: no weights loaded)."""
-    return template_choice(load_tokenizer(model_cfg))
-
-
-def model_family(spec: str, flag: str) -> str:
-    config = Path(resolve_model(spec, flag=flag).location) / "config.json"
+def model_family(source: ModelSource) -> str:
+    config = Path(source.location) / "config.json"
     try:
         return str(json.loads(config.read_text(encoding="utf-8")).get("model_type", "unknown"))
     except (OSError, json.JSONDecodeError):
@@ -124,15 +119,15 @@ def plan_models(cfg: Config) -> tuple[list[ModelPlan], str | None]:
     instruct_flag = "--instruct_model" if cfg.compare.instruct_model else "--model"
     instruct_cfg = replace(cfg.model, model=instruct)
     adapter = default_adapter(cfg)
-    resolve_model(instruct, flag=instruct_flag)  # a bad spec fails here, before any tokenizer work
-    choice = template_of(instruct_cfg)
+    instruct_source = resolve_model(instruct, flag=instruct_flag)  # a bad spec fails here, before tokenizer work
+    choice = template_choice(load_tokenizer(instruct_cfg, instruct_source))  # tokenizer only: no weights loaded
     plans, note = [], None
     if cfg.compare.base_model:
         base, instruct_role = cfg.compare.base_model, ROLE_INSTRUCT if choice.own else ROLE_BASE_TEMPLATE
         plans.append(ModelPlan(base, replace(cfg.model, model=base), roles=[(ROLE_BASE, FORMAT_PLAIN)],
                                flag="--base_model"))
         plans.append(ModelPlan(instruct, instruct_cfg, roles=[(instruct_role, FORMAT_CHAT)], flag=instruct_flag))
-        families = model_family(base, "--base_model"), model_family(instruct, instruct_flag)
+        families = model_family(resolve_model(base, flag="--base_model")), model_family(instruct_source)
         if families[0] != families[1]:
             note = FAMILY_NOTE.format(base=base, base_family=families[0], instruct=instruct,
                                       instruct_family=families[1])

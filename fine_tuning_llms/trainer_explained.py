@@ -38,7 +38,7 @@ from .engine.config import Config
 from .engine.data import load_train_eval
 from .engine.errors import UserError
 from .engine.loop_walkthrough import walkthrough, walkthrough_facts
-from .engine.lora import lora_config, max_abs_difference, trainable_state
+from .engine.lora import fit_template_tokens, lora_config, max_abs_difference, trainable_state
 from .engine.manual_loop import (
     LoopSettings,
     StepRecord,
@@ -51,7 +51,6 @@ from .engine.models import load_model, load_tokenizer, resolve_model
 from .engine.outputs import TaskOutputs
 from .engine.plots import line_plot
 from .engine.report_html import esc, fmt, image, key_values, read_csv, read_json, spread, table
-from .engine.turn_formats import added_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ class ExplainData:
     eval: list[dict]
     pad_token_id: int
     source: str
-    template_token_ids: list[int]   # turn tokens a base model's chat format added (rows grown, not trained)
+    tokenizer: object               # its turn tokens (a base model's chat format may add two) need rows
 
 
 def explain_settings(cfg: Config) -> LoopSettings:
@@ -107,16 +106,14 @@ def prepare_data(cfg: Config, tokenizer, settings: LoopSettings) -> ExplainData:
                         "pass --max_length 128 or longer, or shorter conversations")
     eval_examples = encode(data.eval, EXPLAIN_EVAL_EXAMPLES)
     return ExplainData(train=train, eval=eval_examples, pad_token_id=tokenizer.pad_token_id, source=data.train.source,
-                       template_token_ids=added_token_ids(tokenizer))
+                       tokenizer=tokenizer)
 
 
 def build_lora_model(cfg: Config, source, seed: int, data: ExplainData):
     """Base model in float32 on CPU with a fresh LoRA adapter; the seed fixes the adapter's start."""
     base = load_model(replace(cfg.model, dtype="float32", device="cpu", load_8bit=False, load_4bit=False), source)
+    fit_template_tokens(base, data.tokenizer)  # mean rows for added turn tokens: the same in every copy
     set_seed(seed)  # lora_A is drawn from the global RNG: same seed, same initial adapter
-    if data.template_token_ids and max(data.template_token_ids) >= base.get_input_embeddings().weight.shape[0]:
-        # rows for the turn tokens a base model's format added (drawn after the seed: both runs get the same)
-        base.resize_token_embeddings(max(data.template_token_ids) + 1)
     return get_peft_model(base, lora_config(cfg.train, dropout=0.0))  # dropout 0: the two runs must be deterministic
 
 

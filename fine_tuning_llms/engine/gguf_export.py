@@ -87,15 +87,20 @@ def file_stem(display_name: str) -> str:
     return f"{stem}-finetuned"
 
 
-def check_exportable(source: ModelSource) -> str:
-    """The architecture, when --task export covers it and the converter is installed; else a UserError."""
+def _architecture(config: dict) -> str:
+    return (config.get("architectures") or ["?"])[0]
+
+
+def check_exportable(source: ModelSource) -> dict:
+    """The model's config.json, when --task export covers its family and the converter is installed; else a
+    UserError."""
     config = json.loads((Path(source.location) / "config.json").read_text(encoding="utf-8"))
-    architecture = (config.get("architectures") or ["?"])[0]
-    if architecture not in SUPPORTED:
-        raise UserError(f"--task export covers {', '.join(SUPPORTED.values())}; {source.display_name} is {architecture}: "
-                        "convert the --merge output with llama.cpp's convert_hf_to_gguf.py yourself")
+    if _architecture(config) not in SUPPORTED:
+        raise UserError(f"--task export covers {', '.join(SUPPORTED.values())}; {source.display_name} is "
+                        f"{_architecture(config)}: convert the --merge output with llama.cpp's convert_hf_to_gguf.py "
+                        "yourself")
     converter_script(cache_root())
-    return architecture
+    return config
 
 
 def plan_export(cfg: Config, adapter_dir: str | Path, out_dir: Path, gguf_type: str) -> ExportPlan:
@@ -110,18 +115,17 @@ def plan_export(cfg: Config, adapter_dir: str | Path, out_dir: Path, gguf_type: 
     if recorded:
         raise UserError(f"--adapter {adapter} was trained on {recorded}, not on --model {cfg.model.model}; pass "
                         f"--model {recorded}")
-    architecture = check_exportable(source)
-    config = json.loads((Path(source.location) / "config.json").read_text(encoding="utf-8"))
+    config = check_exportable(source)
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"--adapter {adapter} has no chat template, so llama.cpp could not format a chat; re-save "
                         "the adapter with its tokenizer (--task train does)")
     rows = int(config.get("vocab_size") or 0)
-    rows = max(rows, len(tokenizer))     # added tokens grow the embeddings to the tokenizer's length
-    if rows != len(tokenizer):
+    # Fewer rows than tokens is fine: merging grows the embeddings for added tokens. More rows cannot be named.
+    if rows > len(tokenizer):
         raise UserError(f"the vocabulary has {len(tokenizer)} tokens but the model {rows} embedding rows; llama.cpp "
                         "needs one row per token: export a model whose tokenizer covers every row")
-    plan = ExportPlan(adapter, source, architecture, _parameter_count(Path(source.location)), gguf_type,
+    plan = ExportPlan(adapter, source, _architecture(config), _parameter_count(Path(source.location)), gguf_type,
                       out_dir / "export" / f"{file_stem(source.display_name)}-{gguf_type}.gguf", tokenizer)
     free = _free_bytes(plan.target.parent)
     if free < plan.needed_bytes:
@@ -145,7 +149,7 @@ def _convert(merged: Path, outfile: Path, gguf_type: str, expected_bytes: int, l
     if proc.returncode != 0 or not outfile.is_file():
         lines = [ln for ln in log_file.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
         last = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
-        raise UserError(f"llama.cpp's converter failed ({last.strip()[:200]}); full log: {log_file}")
+        raise UserError(f"llama.cpp's converter failed ({last.strip()[:200]})")
 
 
 @dataclass
@@ -164,16 +168,16 @@ def export_gguf(cfg: Config, plan: ExportPlan) -> ExportResult:
     with tempfile.TemporaryDirectory(dir=export_dir, prefix=".export-") as work:
         work_path = Path(work)
         start = time.perf_counter()
-        merged = merge_adapter(cfg, plan.adapter, work_path / "merged")
+        merged = merge_adapter(cfg, plan.adapter, work_path / "merged", tokenizer=plan.tokenizer)
         merge_seconds = time.perf_counter() - start
         start = time.perf_counter()
         partial = work_path / plan.target.name
         log_file = work_path / "convert.log"
         try:
             _convert(merged, partial, plan.gguf_type, int(plan.parameters * GGUF_TYPES[plan.gguf_type]), log_file)
-        except UserError:
-            shutil.copy(log_file, export_dir / "convert.log")  # keep the converter's own words for the user
-            raise UserError(f"llama.cpp's converter failed; see {export_dir / 'convert.log'}") from None
+        except UserError as exc:
+            shutil.copy(log_file, export_dir / "convert.log")  # the temp folder goes; the converter's words stay
+            raise UserError(f"{exc}; full log: {export_dir / 'convert.log'}") from None
         partial.replace(plan.target)   # same folder tree: an atomic rename, never a half file
         convert_seconds = time.perf_counter() - start
     modelfile = write_modelfile(plan)
@@ -196,7 +200,7 @@ def chat_format_of(tokenizer) -> str | None:
     """Which known format the tokenizer's template writes (by rendering one exchange), None if none."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     for fmt in FORMATS:
-        if all(token in text for token in fmt.control_tokens[:1]) and fmt.end_of_turn in text:
+        if fmt.control_tokens[0] in text and fmt.end_of_turn in text:
             return fmt.name
     return None
 
@@ -210,9 +214,9 @@ def default_system_prompt(tokenizer) -> str | None:
     if "Sy5t" not in marked or head == marked.split("Sy5t")[0]:
         return None
     before, after = marked.split("Sy5t")
-    if head.startswith(before) and after and head.endswith(after.split("Zq7x")[0]):
-        inner = head[len(before): len(head) - len(after.split("Zq7x")[0])]
-        return inner or None
+    glue = after.split("Zq7x")[0]   # what the template writes between the system text and the user turn
+    if after and head.startswith(before) and head.endswith(glue):
+        return head[len(before): len(head) - len(glue)] or None
     return None
 
 

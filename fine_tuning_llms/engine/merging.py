@@ -19,14 +19,15 @@ from .models import load_model
 log = logging.getLogger(__name__)
 
 
-def merge_adapter(cfg: Config, adapter_dir: Path, target: Path) -> Path:
+def merge_adapter(cfg: Config, adapter_dir: Path, target: Path, *, tokenizer=None) -> Path:
+    """``tokenizer``: the adapter folder's, when the caller has loaded it already."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     full_precision = dataclasses.replace(cfg.model, load_8bit=False, load_4bit=False,
                                          dtype="float32" if cfg.model.dtype == "auto" else cfg.model.dtype)
     base = load_model(full_precision)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(adapter_dir)
     if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come from the adapter
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

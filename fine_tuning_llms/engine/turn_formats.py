@@ -139,8 +139,10 @@ def template_choice(tokenizer) -> TemplateChoice:
 
 
 def added_token_ids(tokenizer) -> list[int]:
-    """Ids of the control tokens the template choice added to this tokenizer (rows to initialise and train)."""
-    return [int(tokenizer.convert_tokens_to_ids(t)) for t in template_choice(tokenizer).added_tokens]
+    """Ids of the control tokens the template choice added to this tokenizer (rows to initialise and train);
+    a tokenizer the choice was only judged for (never applied) has none of them yet."""
+    return [int(tokenizer.convert_tokens_to_ids(t)) for t in template_choice(tokenizer).added_tokens
+            if is_single_token(tokenizer, t)]
 
 
 def end_of_turn_id(tokenizer) -> int | None:

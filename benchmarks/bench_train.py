@@ -6,6 +6,8 @@
     python benchmarks/bench_train.py --only toolkit --breakdown   # where a step's time goes
     python benchmarks/bench_train.py --skip_load --repeats 3      # the pair 3 times, alternating: medians
     python benchmarks/bench_train.py --only toolkit --ceiling     # the highest MFU this step could reach here
+    python benchmarks/bench_train.py --matrix --breakdown  # 14 workload shapes vs TRL; the worst cell's step split
+    python benchmarks/bench_train.py --matrix --cells "short b1,long b16"   # some cells only
 
 Same model (embedded SmolLM2-135M-Instruct), conversations, LoRA config, batch size, max length,
 epochs/steps, learning rate and seed for both; TRL keeps its own defaults for everything else
@@ -78,6 +80,34 @@ def run_child(kind: str, args, extra: list[str], env: dict | None = None) -> dic
         return json.loads(result.read_text())
 
 
+def print_breakdown(label: str, b: dict | None, peak: float) -> None:
+    if not b:
+        print(f"  {label}: the run ended before step 4; nothing was profiled")
+        return
+    shares = ", ".join(f"{k} {100 * v / b['wall']:.0f}%" for k, v in b["split"].items())
+    rate = b["matmul_flops"] / max(b["split"]["matmul"], 1e-9)
+    print(f"  {label}: {b['steps']} steps took {b['wall']:.1f} s: {shares}; the matmuls ran at "
+          f"{rate / 1e9:.0f} GFLOP/s = {100 * rate / peak:.0f}% of peak")
+
+
+def run_matrix_and_report(args) -> None:
+    from bench_matrix import run_matrix, summarize
+
+    from fine_tuning_llms.engine.precision import cpu_supports_bf16
+
+    print("Workload matrix: toolkit defaults vs TRL SFTTrainer defaults (same data, LoRA, batch, length, "
+          "accumulation, steps, lr, seed), each run in its own process")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run_matrix(args, run_child, Path(tmp))
+        worst = summarize(rows)["worst"]
+        if args.breakdown:
+            peak = matmul_peak("bfloat16" if cpu_supports_bf16() else "float32")
+            with tempfile.TemporaryDirectory() as adapter_tmp:
+                row = run_child("toolkit", args, worst["flags"] + ["--breakdown",
+                                                                   f"--_adapter={Path(adapter_tmp) / 'a'}"])
+            print_breakdown(f"worst cell, toolkit profiled ({worst['cell'].name})", row["breakdown"], peak)
+
+
 def lora_summary(config) -> str:
     return (f"r={config.r} alpha={config.lora_alpha} dropout={config.lora_dropout} targets={config.target_modules} "
             f"dora={config.use_dora} rslora={config.use_rslora}")
@@ -90,6 +120,14 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=-1)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--model", default=None, help="model for both trainers (default: the embedded one); "
+                                                      "'1b' = the Llama-3.2-1B shape with random weights")
+    parser.add_argument("--no_eval", action="store_true", help="skip the held-out losses (random-weight models)")
+    parser.add_argument("--load_8bit", action="store_true")
+    parser.add_argument("--load_4bit", action="store_true")
+    parser.add_argument("--grad_accum", type=int, default=1)
+    parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--target_modules", default="all-linear")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--levers", action="store_true", help="also run the toolkit with each lever off")
@@ -97,7 +135,8 @@ def main() -> None:
     parser.add_argument("--no_packing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no_trained_logits", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no_fused_kernels", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fp32", action="store_true", help="with --only or the 1B shape: both trainers in float32 "
+                                                            "(no bf16 autocast)")
     parser.add_argument("--breakdown", action="store_true",
                         help="profile a few steps of the toolkit's run and split the step time (slows those steps)")
     parser.add_argument("--ceiling", action="store_true",
@@ -108,6 +147,14 @@ def main() -> None:
                              "(a shared or throttled machine drifts by 10-25%% over minutes)")
     parser.add_argument("--only", choices=["toolkit", "trl"], default=None,
                         help="run just one side (no ratio); for quick checks")
+    parser.add_argument("--matrix", action="store_true",
+                        help="the workload matrix (bench_matrix.py): batch 1/4/8/16, short vs long conversations, "
+                             "max_length 256/1024, LoRA r8 q,v / r16 / r64 all-linear, grad_accum 1/4; toolkit vs "
+                             "TRL per cell, the worst cell named")
+    parser.add_argument("--cells", default=None, help="with --matrix: only cells whose name contains one of these "
+                                                      "comma-separated strings, e.g. 'short b1,long b16'")
+    parser.add_argument("--skip_heldout", action="store_true",
+                        help="with --matrix: skip the levers-off runs and held-out losses (speed only)")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_result", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_adapter", default=None, help=argparse.SUPPRESS)
@@ -127,12 +174,23 @@ def main() -> None:
         Path(args._result).write_text(json.dumps(result))
         return
 
+    if args.matrix:
+        run_matrix_and_report(args)
+        return
+    if args.model == "1b":
+        from llama_1b_shape import llama_1b_folder
+        args.model = str(llama_1b_folder())
+
     common = [f"--epochs={args.epochs}", f"--max_steps={args.max_steps}", f"--batch_size={args.batch_size}",
-              f"--max_length={args.max_length}", f"--lr={args.lr}", f"--seed={args.seed}"]
+              f"--grad_accum={args.grad_accum}", f"--lora_r={args.lora_r}", f"--target_modules={args.target_modules}",
+              f"--max_length={args.max_length}", *(["--fp32"] if args.fp32 else []),
+              *([f"--model={args.model}"] if args.model else []), *(["--load_8bit"] if args.load_8bit else []),
+              *(["--load_4bit"] if args.load_4bit else []), f"--lr={args.lr}", f"--seed={args.seed}"]
     if args.dataset_path:
         common.append(f"--dataset_path={args.dataset_path}")
     print(f"Work: {args.dataset_path or 'sample dataset'}, epochs {args.epochs}, max_steps {args.max_steps}, "
-          f"batch {args.batch_size}, max_length {args.max_length}, lr {args.lr}, LoRA {lora_summary(default_lora_config())}")
+          f"batch {args.batch_size}, max_length {args.max_length}, lr {args.lr}, grad_accum {args.grad_accum}, "
+          f"LoRA {lora_summary(default_lora_config(args))}")
 
     if not args.skip_load:
         with tempfile.TemporaryDirectory() as cache:
@@ -172,9 +230,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             adapter = f"--_adapter={Path(tmp) / 'adapter'}"
             row = run_child(kind, args, common + extra + [adapter])
-            if "--breakdown" not in extra:  # the profiled run is there for its step split only
+            if "--breakdown" not in extra and not args.no_eval:  # the profiled run is there for its step split only
                 row["eval_loss"] = run_child("eval", args, common + [adapter])["eval_loss"]
-        rows.append(row | {"label": label, "fp32": "--fp32" in extra, "extra": extra})
+        rows.append(row | {"label": label, "fp32": "--fp32" in extra or args.fp32, "extra": extra})
     ceiling = run_child("ceiling", args, common) if args.ceiling else None
     # The peak is measured before and after the runs and the higher kept: a busy moment lowers
     # it, and a low peak would flatter every MFU figure.
@@ -185,18 +243,12 @@ def main() -> None:
         peak = peaks["float32"] if r["fp32"] or not bf16 else peaks["bfloat16"]
         r.update(tokens_per_s=r["tokens"] / r["seconds"], mfu=r["useful_flops"] / r["seconds"] / peak)
         if "--breakdown" in r["extra"]:
-            b = r["breakdown"]
-            if not b:
-                print(f"  {r['label']}: the run ended before step 4; nothing was profiled")
-                continue
-            shares = ", ".join(f"{k} {100 * v / b['wall']:.0f}%" for k, v in b["split"].items())
-            rate = b["matmul_flops"] / max(b["split"]["matmul"], 1e-9)
-            print(f"  {r['label']}: {b['steps']} steps took {b['wall']:.1f} s: {shares}; the matmuls ran at "
-                  f"{rate / 1e9:.0f} GFLOP/s = {100 * rate / peak:.0f}% of peak")
+            print_breakdown(r["label"], r["breakdown"], peak)
             continue
+        held_out = f"held-out loss {r['eval_loss']:.4f}" if "eval_loss" in r else "no held-out loss"
         print(f"  {r['label']:44s} {r['tokens_per_s']:8.0f} tok/s  {r['seconds']:7.1f} s (+{r['eval_seconds']:.1f} s held-out "
               f"eval)  {r['steps']:4d} steps  "
-              f"RSS {r['peak_rss_mb']:6.0f} MB  held-out loss {r['eval_loss']:.4f}  MFU {100 * r['mfu']:4.1f}%")
+              f"RSS {r['peak_rss_mb']:6.0f} MB  {held_out}  MFU {100 * r['mfu']:4.1f}%")
     ours = [r for r in rows if r["label"].startswith("toolkit train")]
     trl = [r for r in rows if r["label"].startswith("TRL")]
     if ceiling:
@@ -211,8 +263,9 @@ def main() -> None:
               f"{statistics.median(r['tokens_per_s'] for r in trl):.0f} tok/s; speed-up per pair "
               + ", ".join(f"{x:.2f}x" for x in ratios))
     ours_rss, trl_rss = max(r["peak_rss_mb"] for r in ours), max(r["peak_rss_mb"] for r in trl)
-    print(f"Speed-up vs TRL: {statistics.median(ratios):.2f}x tokens/s; held-out loss "
-          f"{100 * (ours[0]['eval_loss'] - trl[0]['eval_loss']) / trl[0]['eval_loss']:+.1f}% vs TRL; peak RSS "
+    held_out = (f"held-out loss {100 * (ours[0]['eval_loss'] - trl[0]['eval_loss']) / trl[0]['eval_loss']:+.1f}% vs TRL; "
+                if "eval_loss" in ours[0] else "")
+    print(f"Speed-up vs TRL: {statistics.median(ratios):.2f}x tokens/s; {held_out}peak RSS "
           f"{ours_rss:.0f} MB vs {trl_rss:.0f} MB")
 
 

@@ -11,25 +11,39 @@ import time
 from pathlib import Path
 
 
-def default_lora_config():
-    """The toolkit's default LoRA settings (its one builder), given to both trainers."""
+def default_lora_config(args=None):
+    """The toolkit's LoRA settings (its one builder; defaults unless ``args`` sets rank and
+    targets), given to both trainers."""
     from fine_tuning_llms.engine.config import TrainConfig
     from fine_tuning_llms.engine.lora import lora_config
 
-    return lora_config(TrainConfig())
+    train = TrainConfig()
+    if args is not None:
+        train.lora_r, train.target_modules = args.lora_r, args.target_modules
+    return lora_config(train)
 
 
 # ------------------------------------------------------------------ helpers run inside a child process
+
+def model_config(args, **overrides):
+    """The model both trainers load: --model (default the embedded one) with --load_8bit/--load_4bit."""
+    from fine_tuning_llms.engine.config import ModelConfig
+
+    cfg = ModelConfig(load_8bit=args.load_8bit, load_4bit=args.load_4bit, **overrides)
+    if args.model:
+        cfg.model = args.model
+    return cfg
+
 
 def child_eval(args) -> dict:
     from fine_tuning_llms.engine.config import DataConfig
     from fine_tuning_llms.engine.data import load_train_eval
 
     eval_convs = load_train_eval(DataConfig(dataset_path=args.dataset_path, max_length=args.max_length)).eval
-    return {"eval_loss": _eval_adapter(Path(args._adapter), eval_convs, args.max_length)}
+    return {"eval_loss": _eval_adapter(Path(args._adapter), eval_convs, args.max_length, args.model)}
 
 
-def _eval_adapter(adapter_dir: Path, eval_convs, max_length) -> float:
+def _eval_adapter(adapter_dir: Path, eval_convs, max_length, model: str | None = None) -> float:
     """Held-out loss of a saved adapter, measured the same way for every variant: a fresh fp32
     base model + the adapter, no autocast, token-weighted over assistant tokens."""
     import torch
@@ -41,8 +55,9 @@ def _eval_adapter(adapter_dir: Path, eval_convs, max_length) -> float:
     from fine_tuning_llms.engine.models import load_model, load_tokenizer
     from fine_tuning_llms.engine.trainer import mean_eval_loss
 
-    tokenizer = load_tokenizer(ModelConfig())
-    model = PeftModel.from_pretrained(load_model(ModelConfig(dtype="float32")), str(adapter_dir))
+    base = ModelConfig(dtype="float32") if model is None else ModelConfig(model=model, dtype="float32")
+    tokenizer = load_tokenizer(base)
+    model = PeftModel.from_pretrained(load_model(base), str(adapter_dir))
     model.base_model.model.set_attn_implementation(register_packed_attention())
     examples = tokenize_conversations(tokenizer, eval_convs, max_length=max_length, progress=False).examples
     with torch.no_grad():
@@ -131,11 +146,12 @@ def child_toolkit(args, out: Path) -> dict:
     cfg.data.dataset_path, cfg.data.max_length = args.dataset_path, args.max_length
     t = cfg.train
     t.epochs, t.max_steps, t.batch_size, t.lr, t.seed = args.epochs, args.max_steps, args.batch_size, args.lr, args.seed
-    # LoRA: the TrainConfig defaults, the same ones default_lora_config() gives TRL
+    t.grad_accum, t.lora_r, t.target_modules = args.grad_accum, args.lora_r, args.target_modules  # as TRL gets them
     t.eval_answers, t.save_steps, t.logging_steps = 0, 10**6, 10
     t.packing = not args.no_packing
     t.trained_logits_only = not args.no_trained_logits
     t.fused_kernels = not args.no_fused_kernels
+    cfg.model = model_config(args)
     if args.fp32:
         cfg.model.dtype = "float32"
     import fine_tuning_llms.fine_tuning as ft
@@ -172,20 +188,22 @@ def child_trl(args, out: Path) -> dict:
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from fine_tuning_llms.engine.config import DataConfig, ModelConfig
+    from fine_tuning_llms.engine.config import DataConfig
     from fine_tuning_llms.engine.data import load_train_eval
     from fine_tuning_llms.engine.models import load_model, load_tokenizer
 
     data = load_train_eval(DataConfig(dataset_path=args.dataset_path, max_length=args.max_length))
-    tokenizer = load_tokenizer(ModelConfig())
-    model = load_model(ModelConfig())
+    tokenizer = load_tokenizer(model_config(args))
+    model = load_model(model_config(args))
     train_ds = datasets.Dataset.from_list([{"messages": c} for c in data.train.conversations])
     sft_args = SFTConfig(output_dir=str(out), per_device_train_batch_size=args.batch_size,
+                         gradient_accumulation_steps=args.grad_accum,
                          num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr,
                          seed=args.seed, max_length=args.max_length, report_to="none", save_strategy="no",
-                         logging_steps=10, use_cpu=not torch.cuda.is_available())
+                         logging_steps=10, use_cpu=not torch.cuda.is_available(),
+                         **({"bf16": False} if args.fp32 else {}))  # --fp32: no autocast for TRL either
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=train_ds, processing_class=tokenizer,
-                         peft_config=default_lora_config())
+                         peft_config=default_lora_config(args))
     counted = {"tokens": 0}
     collate = trainer.data_collator
 

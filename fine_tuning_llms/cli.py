@@ -36,6 +36,7 @@ TASK_MODULES = {
     "compare": "fine_tuning_llms.model_comparison",
     "special_tokens": "fine_tuning_llms.special_tokens",
     "preprocess": "fine_tuning_llms.data_preprocessing",
+    "plan": "fine_tuning_llms.plan",
     "train": "fine_tuning_llms.fine_tuning",
     "explain": "fine_tuning_llms.trainer_explained",
     "export": "fine_tuning_llms.export",

@@ -35,6 +35,7 @@ from .engine.distributed import (
 )
 from .engine.errors import UserError
 from .engine.lora import prepare_peft_model
+from .engine.memory_plan import check_fits
 from .engine.models import count_parameters, load_model, load_tokenizer, pick_device, resolve_model
 from .engine.outputs import TaskOutputs
 from .engine.precision import autocast_dtype, mixed_precision, training_model_config
@@ -189,6 +190,9 @@ def run(cfg: Config) -> dict:
                             train_examples=train_set.examples, eval_examples=eval_set.examples)
     if resume:
         check_resume(Path(resume), identity)  # before anything is loaded or written
+    # Stop here, before loading weights, when the predicted peak does not fit (engine/memory_plan.py).
+    plan = check_fits(cfg, source.location, [len(e["input_ids"]) for e in train_set.examples], device,
+                      cfg.train.memory_gb)
     model = load_model(training_model_config(cfg.model, device), source)
 
     model, new_ids = prepare_peft_model(cfg, model, tokenizer)
@@ -291,7 +295,7 @@ def run(cfg: Config) -> dict:
         "trained_tokens_per_s": round(trained_tokens_seen / training_seconds, 1) if training_seconds else None,
         "trainable_parameters": trainable, "total_parameters": total, "new_token_ids": new_ids,
         "train_examples": train_set.kept, "eval_examples": eval_set.kept, "eval_source": data.eval_source,
-        "batches": layout.as_dict(),
+        "batches": layout.as_dict(), "memory_plan": plan.as_dict(),
     }
     comparisons = [{"prompt": msgs[-1]["content"], "reference": ref, "before": b, "after": a}
                    for (msgs, ref), b, a in zip(pairs, before_answers, after_answers)]

@@ -106,6 +106,8 @@ class TrainConfig:
                              "parameters, fewer ops, no full logits); on CPU the frozen LoRA base weights are "
                              "also prepacked for oneDNN while training (2 extra copies, freed after). "
                              "--fused_kernels false uses PEFT's and transformers' own forward.")
+    memory_gb: float | None = _f(None, "Memory to plan for, in GB (--task plan, and the check at the start of train "
+                                 "that stops a run predicted not to fit): default, what this machine has free.")
     new_tokens: list[str] = _f([], "Special tokens to add before training; their embedding rows are trained "
                                "(PEFT trainable_token_indices).", nargs="*")
 

@@ -1,0 +1,76 @@
+"""The memory plan (engine/memory_plan.py) against measurement: predicted peak vs the measured peak
+RSS of the same training run, for the embedded model and the Llama-3.2-1B shape (random weights),
+in fp32 / bf16 / 8-bit / 4-bit, batch 1 and 8.
+
+    python benchmarks/bench_plan.py                       # the whole table (the 1B rows take minutes each)
+    python benchmarks/bench_plan.py --models embedded --modes bf16 --batches 8
+
+Each row is one ``run_fine_tuning.py --task train --max_steps 3`` in its own process; its peak RSS
+is that process's ``ru_maxrss``, and the prediction is the plan the run itself printed and saved
+(``final_model/metrics.json``, ``memory_plan``). "bf16" is the CPU default here (--dtype auto:
+bf16 weights and autocast where the CPU computes bf16); "fp32" is --dtype float32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODES = {"fp32": ["--dtype", "float32"], "bf16": [], "8bit": ["--load_8bit"], "4bit": ["--load_4bit"]}
+# Run the CLI in this process and write its peak RSS (KiB) where the parent asked.
+WRAPPER = ("import resource, sys, runpy, atexit, pathlib;"
+           "out = pathlib.Path(sys.argv.pop(1));"
+           "atexit.register(lambda: out.write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)));"
+           "sys.argv[0] = 'run_fine_tuning.py'; runpy.run_path('run_fine_tuning.py', run_name='__main__')")
+
+
+def measure(model: str, mode: str, batch: int, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        rss = Path(tmp) / "rss"
+        cmd = [sys.executable, "-c", WRAPPER, str(rss), "--task", "train", "--model", model, "--max_steps", "3",
+               "--batch_size", str(batch), "--eval_answers", "0", "--save_steps", "1000", "--output_dir",
+               str(Path(tmp) / "out"), *MODES[mode], *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode != 0:
+            return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        metrics = json.loads((Path(tmp) / "out" / "final_model" / "metrics.json").read_text())
+        return {"measured_mb": int(rss.read_text()) / 1024, "plan": metrics["memory_plan"],
+                "tokens_per_s": metrics["tokens_per_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="embedded,1b", help="embedded, 1b (the Llama-3.2-1B shape)")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--extra", default="", help="more train flags for every run, e.g. '--max_length 256'")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llama_1b_shape import llama_1b_folder
+
+    models = {"embedded": "smollm2-135m-instruct", "1b": None}
+    print("| model | mode | batch | predicted peak | measured peak RSS | error | loading / training predicted |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        model = models[name] or str(llama_1b_folder())
+        for mode in args.modes.split(","):
+            for batch in map(int, args.batches.split(",")):
+                row = measure(model, mode, batch, args.extra.split())
+                if "error" in row:
+                    print(f"| {name} | {mode} | {batch} | - | - | failed: {row['error']} | |", flush=True)
+                    continue
+                plan = row["plan"]
+                error = (plan["peak_mb"] - row["measured_mb"]) / row["measured_mb"]
+                print(f"| {name} | {mode} | {batch} | {plan['peak_mb']:,} MB | {row['measured_mb']:,.0f} MB | "
+                      f"{100 * error:+.0f}% | {plan['loading_mb']:,} / {plan['training_mb']:,} MB |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Peak memory of a LoRA training run, predicted before any weight is loaded.
+
+The model is built on the ``meta`` device from its config.json (shapes only, no memory), so the
+parameter count of every module is exact for any architecture. The peak is the larger of two
+moments, on top of what the process already holds (Python, torch, the tokenized data):
+
+- loading: the weights as they will stay, plus the safetensors pages read to make them (read
+  through a memory map, they count as resident while loading runs);
+- training: the weights, the LoRA weights with their gradients and AdamW's two moments (fp32),
+  the frozen LoRA weights' packed copies (fused kernels on CPU), the activations autograd keeps
+  for the largest step (per token and layer: the inputs and outputs of the norms, projections,
+  attention and MLP; eager attention also keeps each head's score matrix), and the vocabulary head's
+  logits (fused head: one 64 MiB chunk at a time; else every position that needs logits, in fp32).
+
+``ACTIVATION_FACTOR`` scales the counted activation bytes to what the allocator really holds
+(autograd's temporaries during backward, allocator slack); it was fitted once on the embedded model
+and checked on the Llama-3.2-1B shape (benchmarks/RESULTS.md, ``benchmarks/bench_plan.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+ACTIVATION_FACTOR = 2.0
+HEAD_CHUNK_BYTES = 3 * 64 * MB       # the fused head's chunk of fp32 logits, its softmax and gradient
+LOAD_SLACK = 1.0                     # safetensors pages read while loading, per byte of file
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted resident memory (bytes) of each part, and the peak it adds up to."""
+
+    parts: dict[str, float]
+    loading: float                      # process + weights + file pages while loading
+    training: float                     # process + everything training holds at its largest step
+    available: float | None             # what the run may use (process + MemAvailable), None if unknown
+    step_tokens: int                    # tokens of the largest step
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        return max(self.loading, self.training)
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.peak <= self.available
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / MB:,.0f}" for k, v in self.parts.items() if v >= MB / 2)
+        room = f" of {self.available / MB:,.0f} MB available" if self.available else ""
+        return (f"Memory plan: peak ~{self.peak / MB:,.0f} MB{room} ({'loading' if self.loading > self.training else 'training'} "
+                f"is the peak; largest step {self.step_tokens:,} tokens). Parts (MB): {parts}")
+
+    def as_dict(self) -> dict:
+        return {"peak_mb": round(self.peak / MB), "loading_mb": round(self.loading / MB),
+                "training_mb": round(self.training / MB), "step_tokens": self.step_tokens,
+                "available_mb": round(self.available / MB) if self.available else None,
+                "parts_mb": {k: round(v / MB, 1) for k, v in self.parts.items()}}
+
+
+def current_rss() -> float:
+    import psutil
+
+    return float(psutil.Process().memory_info().rss)
+
+
+def available_memory(limit_gb: float | None = None) -> float | None:
+    """Bytes this process may grow to: its RSS plus the machine's (or cgroup's) free memory, or
+    ``limit_gb`` when planning for another machine."""
+    if limit_gb:
+        return limit_gb * 1024 ** 3
+    import psutil
+
+    free = float(psutil.virtual_memory().available)
+    try:  # a container's own limit is lower than the host's free memory
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = float(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            free = min(free, float(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return current_rss() + free
+
+
+def meta_model(location: str, trust_remote_code: bool = False):
+    """The model's modules with shapes but no storage (``meta`` device), from its config.json."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), config
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def lora_targets(model, target_modules: str) -> list[tuple[str, torch.nn.Linear]]:
+    """The Linear layers PEFT will wrap: 'all-linear' = every Linear but the output head."""
+    head = model.get_output_embeddings()
+    wanted = None if target_modules == "all-linear" else {m.strip() for m in target_modules.split(",")}
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if wanted is None or name.rsplit(".", 1)[-1] in wanted:
+            out.append((name, module))
+    return out
+
+
+def weight_bytes(model, *, dtype: torch.dtype, load_8bit: bool, load_4bit: bool) -> float:
+    """Resident bytes of the loaded weights: bitsandbytes quantises every Linear but the head."""
+    head = model.get_output_embeddings()
+    quantised = set()
+    if load_8bit or load_4bit:
+        quantised = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    size = torch.tensor([], dtype=dtype).element_size()
+    total, seen = 0.0, set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:  # tied embeddings count once
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            if id(p) not in quantised:
+                total += n * size
+            elif load_8bit:
+                total += n + 4 * p.shape[0]                 # int8 + one fp32 scale per row
+            else:
+                total += n / 2 + n / 64 + 4 * n / (64 * 256)  # nf4 + double-quantised block scales
+    return total
+
+
+def file_bytes(location: str) -> float:
+    folder = Path(location)
+    return float(sum(f.stat().st_size for f in folder.glob("*.safetensors"))) if folder.is_dir() else 0.0
+
+
+def largest_step_tokens(lengths: list[int], batch_size: int, grad_accum: int, packed: bool) -> tuple[int, int]:
+    """(tokens, row length) of the largest micro-batch: its ``batch_size`` longest conversations;
+    padded batches pad each row to the longest."""
+    top = sorted(lengths, reverse=True)[:batch_size] or [0]
+    if packed:
+        return sum(top), sum(top)
+    return top[0] * len(top), top[0]
+
+
+def activation_bytes_per_token(config, act_bytes: int) -> float:
+    """Bytes autograd keeps per token for one pass through the decoder (before ACTIVATION_FACTOR)."""
+    text = _text_config(config)
+    h, layers = text.hidden_size, text.num_hidden_layers
+    i = getattr(text, "intermediate_size", 4 * h)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    kv = getattr(text, "num_key_value_heads", heads) * head_dim
+    q = heads * head_dim
+    # norms in/out (4h), q/k/v outputs and the attention output (2q + 2kv), o_proj input (q),
+    # residual stream (2h), MLP gate/up/act/product (4i)
+    per_layer = 6 * h + 3 * q + 2 * kv + 4 * i
+    return float(layers * per_layer * act_bytes)
+
+
+def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch.device, packed: bool,
+                weight_dtype: torch.dtype, autocast: torch.dtype | None, process: float | None = None,
+                limit_gb: float | None = None) -> MemoryPlan:
+    """Predict the peak of training ``cfg`` on examples of these token ``lengths`` (see module doc)."""
+    model, config = meta_model(location, cfg.model.trust_remote_code)
+    t = cfg.train
+    quant = cfg.model.load_8bit or cfg.model.load_4bit
+    text = _text_config(config)
+    process = current_rss() if process is None else process
+    weights = weight_bytes(model, dtype=weight_dtype, load_8bit=cfg.model.load_8bit, load_4bit=cfg.model.load_4bit)
+    targets = lora_targets(model, t.target_modules)
+    lora_params = sum(t.lora_r * (m.in_features + m.out_features) for _, m in targets)
+    trainable = 16.0 * lora_params  # fp32 weight, gradient, AdamW's two moments
+    on_cpu = device.type == "cpu"
+    packed_copies = 0.0
+    if t.fused_kernels and on_cpu and not quant:
+        from .kernels import weight_packing_available
+
+        if weight_packing_available(weight_dtype):
+            size = torch.tensor([], dtype=weight_dtype).element_size()
+            copies = sum(2.0 * m.weight.numel() * size for _, m in targets if m.bias is None)
+            if copies <= (available_memory() or float("inf")) / 4:  # the rule use_fused_kernels applies
+                packed_copies = copies
+    step_tokens, row = largest_step_tokens(lengths, t.batch_size, t.grad_accum, packed)
+    act_bytes = torch.tensor([], dtype=autocast or weight_dtype).element_size()
+    activations = ACTIVATION_FACTOR * step_tokens * activation_bytes_per_token(config, act_bytes)
+    if config._attn_implementation == "eager" or cfg.model.attn_implementation == "eager":
+        rows = 1 if packed else min(t.batch_size, len(lengths))
+        activations += 2.0 * rows * text.num_attention_heads * row * row * act_bytes * text.num_hidden_layers
+    vocab = model.get_output_embeddings().weight.shape[0]
+    logit_positions = step_tokens if not t.trained_logits_only else step_tokens // 2
+    fused_head = t.fused_kernels and t.trained_logits_only
+    head = min(HEAD_CHUNK_BYTES, 3.0 * 4 * logit_positions * vocab) if fused_head else 3.0 * 4 * logit_positions * vocab
+    parts = {"process": process, "weights": weights, "LoRA + AdamW": trainable, "packed weights": packed_copies,
+             "activations": activations, "head logits": head}
+    loading = process + weights + LOAD_SLACK * file_bytes(location)
+    training = process + weights + trainable + packed_copies + activations + head
+    notes = [] if on_cpu else ["on a GPU the peak is GPU memory; this plan counts host memory as on CPU"]
+    return MemoryPlan(parts=parts, loading=loading, training=training,
+                      available=available_memory(limit_gb), step_tokens=step_tokens, notes=notes)
+
+
+def plan_training(cfg: Config, location: str, lengths: list[int], device: torch.device,
+                  limit_gb: float | None = None) -> MemoryPlan:
+    """``plan_memory`` with the dtypes this run will train with; lengths capped at --max_length."""
+    from .models import pick_dtype
+    from .precision import autocast_dtype, mixed_precision, training_model_config
+
+    weight_dtype = pick_dtype(training_model_config(cfg.model, device).dtype, device)
+    autocast = autocast_dtype(*mixed_precision(cfg.model, device))
+    capped = [min(n, cfg.data.max_length) for n in lengths]
+    return plan_memory(cfg, location, capped, device=device, packed=cfg.train.packing, weight_dtype=weight_dtype,
+                       autocast=autocast, limit_gb=limit_gb)
+
+
+def check_fits(cfg: Config, location: str, lengths: list[int], device: torch.device,
+               limit_gb: float | None = None) -> MemoryPlan:
+    """The plan, logged; a run predicted not to fit stops here (before loading weights) with one
+    line naming the options that would fit."""
+    from .errors import UserError
+
+    plan = plan_training(cfg, location, lengths, device, limit_gb)
+    log.info("%s", plan.describe())
+    if not plan.fits:
+        fits = options_that_fit(cfg, lambda trial: plan_training(trial, location, lengths, device, limit_gb))
+        raise UserError(f"training would need ~{plan.peak / MB:,.0f} MB but {plan.available / MB:,.0f} MB is available; "
+                        + (f"options that fit: {'; '.join(fits)}" if fits else
+                           "no smaller setting fits: use a smaller model or a machine with more memory"))
+    return plan
+
+
+def options_that_fit(cfg: Config, plan_for) -> list[str]:
+    """Flags that bring the predicted peak under what is available, cheapest change first."""
+    tries = []
+    if not (cfg.model.load_4bit or cfg.model.load_8bit):
+        tries += [("--load_8bit", {"model": {"load_8bit": True}}), ("--load_4bit", {"model": {"load_4bit": True}})]
+    batch = cfg.train.batch_size
+    while batch > 1:
+        batch //= 2
+        tries.append((f"--batch_size {batch} --grad_accum {cfg.train.grad_accum * cfg.train.batch_size // batch}",
+                      {"train": {"batch_size": batch,
+                                 "grad_accum": cfg.train.grad_accum * cfg.train.batch_size // batch}}))
+    length = cfg.data.max_length
+    while length > 256:
+        length //= 2
+        tries.append((f"--max_length {length}", {"data": {"max_length": length}}))
+    fits = []
+    for flag, change in tries:
+        trial = dataclasses.replace(cfg, **{g: dataclasses.replace(getattr(cfg, g), **v) for g, v in change.items()})
+        plan = plan_for(trial)
+        if plan.fits:
+            fits.append(f"{flag} (~{plan.peak / MB:,.0f} MB)")
+    return fits
+
+
+def plan_json(plan: MemoryPlan, path: Path) -> None:
+    from .artefacts import atomic_write_json
+
+    atomic_write_json(path, plan.as_dict())
+

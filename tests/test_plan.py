@@ -1,0 +1,102 @@
+"""Memory plan (engine/memory_plan.py) and `--task plan` on tiny local models: the parts are counted
+from the config alone, they order the way dtypes and quantisation say, a run predicted not to fit
+stops before loading with the options that fit, and the plan task times a trial run."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fine_tuning_llms.cli import main
+from fine_tuning_llms.engine.config import Config
+from fine_tuning_llms.engine.memory_plan import (
+    MB,
+    activation_bytes_per_token,
+    largest_step_tokens,
+    meta_model,
+    plan_memory,
+    weight_bytes,
+)
+
+
+def plan_for(model_dir: Path, lengths, *, dtype=torch.bfloat16, autocast=torch.bfloat16, **train):
+    cfg = Config()
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return plan_memory(cfg, str(model_dir), lengths, device=torch.device("cpu"), packed=cfg.train.packing,
+                       weight_dtype=dtype, autocast=autocast, process=100 * MB)
+
+
+def test_weights_are_counted_exactly_from_the_config(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    unique = {id(p): p.numel() for p in real.parameters()}
+    model, _ = meta_model(str(tiny_model_dir))
+    assert weight_bytes(model, dtype=torch.float32, load_8bit=False, load_4bit=False) == 4 * sum(unique.values())
+    sizes = [weight_bytes(model, dtype=torch.bfloat16, load_8bit=q8, load_4bit=q4)
+             for q8, q4 in ((False, False), (True, False), (False, True))]
+    assert sizes[0] > sizes[1] > sizes[2] > 0  # bf16 > 8-bit > 4-bit
+
+
+def test_activations_grow_with_the_step_and_the_attention(tiny_model_dir):
+    small = plan_for(tiny_model_dir, [50] * 16, batch_size=2)
+    large = plan_for(tiny_model_dir, [50] * 16, batch_size=8)
+    assert large.step_tokens == 4 * small.step_tokens == 400
+    assert large.parts["activations"] == pytest.approx(4 * small.parts["activations"])
+    assert largest_step_tokens([10, 30, 20], 2, 1, packed=False) == (60, 30)  # padded to the longest row
+    model, config = meta_model(str(tiny_model_dir))
+    assert activation_bytes_per_token(config, 4) == 2 * activation_bytes_per_token(config, 2)
+
+
+def test_a_run_that_does_not_fit_stops_before_loading_and_names_what_fits(tiny_model_dir, write_jsonl,
+                                                                          sample_conversations, tmp_path, capfd,
+                                                                          monkeypatch):
+    import fine_tuning_llms.fine_tuning as ft
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded although the plan did not fit")
+
+    monkeypatch.setattr(ft, "load_model", no_loading)
+    data = write_jsonl(sample_conversations * 4)
+    code = main(["--task", "train", "--model", str(tiny_model_dir), "--dataset_path", str(data), "--output_dir",
+                 str(tmp_path / "out"), "--memory_gb", "0.01"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len([line for line in err if line.startswith("error:")]) == 1
+    assert "MB is available" in err[-1] and ("options that fit" in err[-1] or "no smaller setting fits" in err[-1])
+    assert not (tmp_path / "out" / "final_model").exists()
+
+
+def test_options_that_fit_are_real_options(tiny_model_dir, write_jsonl, sample_conversations, tmp_path):
+    from fine_tuning_llms.engine.memory_plan import options_that_fit, plan_training
+
+    cfg = Config()
+    cfg.train.batch_size, cfg.data.max_length = 64, 1024
+    lengths = [900] * 128
+    device = torch.device("cpu")
+    full = plan_training(cfg, str(tiny_model_dir), lengths, device)
+    # a limit between the process itself and the full plan: smaller batches fit, the full one does not
+    limit = (full.training - full.parts["activations"] * 0.5) / 1024 ** 3
+    plan = plan_training(cfg, str(tiny_model_dir), lengths, device, limit)
+    assert not plan.fits
+    fits = options_that_fit(cfg, lambda trial: plan_training(trial, str(tiny_model_dir), lengths, device, limit))
+    assert fits and all(f.startswith(("--batch_size", "--max_length", "--load_")) for f in fits)
+    assert any(f.startswith("--batch_size 32 --grad_accum 2") for f in fits)  # same effective batch
+
+
+def test_plan_task_predicts_and_times_a_trial_run(tiny_model_dir, write_jsonl, sample_conversations, tmp_path):
+    data = write_jsonl(sample_conversations * 6)
+    out = tmp_path / "plan"
+    code = main(["--task", "plan", "--model", str(tiny_model_dir), "--dataset_path", str(data), "--output_dir",
+                 str(out), "--batch_size", "2", "--lora_r", "4"])
+    assert code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["fits"] is True
+    assert plan["memory"]["peak_mb"] > plan["memory"]["parts_mb"]["process"] > 0
+    assert plan["timing"]["tokens_per_s"] > 0 and plan["epoch_seconds"] > 0
+    measured = plan["timing"]["peak_rss_mb"]
+    # a tiny model's peak is mostly the process itself, which the plan reads rather than predicts;
+    # the real models' table is in benchmarks/RESULTS.md (benchmarks/bench_plan.py)
+    assert abs(plan["memory"]["peak_mb"] - measured) / measured < 0.5
+    assert not (out / "final_model").exists()  # the trial run's outputs are thrown away

@@ -44,7 +44,10 @@ def test_activations_grow_with_the_step_and_the_attention(tiny_model_dir):
     large = plan_for(tiny_model_dir, [50] * 16, batch_size=8)
     assert large.step_tokens == 4 * small.step_tokens == 400
     assert large.parts["activations"] == pytest.approx(4 * small.parts["activations"])
-    assert largest_step_tokens([10, 30, 20], 2, 1, packed=False) == (60, 30)  # padded to the longest row
+    assert largest_step_tokens([10, 30, 20], 3, packed=False) == (90, 30)  # padded to the longest row
+    assert largest_step_tokens([10, 30, 20], 3, packed=True) == (60, 60)
+    lengths = list(range(1, 101))
+    assert largest_step_tokens(lengths, 1, packed=True, steps=3)[0] < 100 == largest_step_tokens(lengths, 1, True)[0]
     model, config = meta_model(str(tiny_model_dir))
     assert activation_bytes_per_token(config, 4) == 2 * activation_bytes_per_token(config, 2)
 

@@ -145,13 +145,26 @@ def file_bytes(location: str) -> float:
     return float(sum(f.stat().st_size for f in folder.glob("*.safetensors"))) if folder.is_dir() else 0.0
 
 
-def largest_step_tokens(lengths: list[int], batch_size: int, grad_accum: int, packed: bool) -> tuple[int, int]:
-    """(tokens, row length) of the largest micro-batch: its ``batch_size`` longest conversations;
-    padded batches pad each row to the longest."""
-    top = sorted(lengths, reverse=True)[:batch_size] or [0]
-    if packed:
-        return sum(top), sum(top)
-    return top[0] * len(top), top[0]
+def largest_step_tokens(lengths: list[int], batch_size: int, packed: bool, steps: int | None = None,
+                        orders: int = 5) -> tuple[int, int]:
+    """(tokens, row length) of the largest micro-batch a run meets: the batches of a few seeded
+    random orders (the Trainer draws a random order too) over the ``steps`` it runs (None: an
+    epoch), the median of their largest. Padded batches pad each row to the longest."""
+    import random
+
+    if not lengths:
+        return 0, 0
+    largest = []
+    for seed in range(orders):
+        order = lengths[:]
+        random.Random(seed).shuffle(order)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if steps:
+            batches = (batches * (steps // len(batches) + 1))[:steps]
+        largest.append(max((sum(b), max(b), len(b)) for b in batches) if packed else
+                       max((max(b) * len(b), max(b), len(b)) for b in batches))
+    tokens, row, _ = sorted(largest)[len(largest) // 2]
+    return tokens, (tokens if packed else row)
 
 
 def activation_bytes_per_token(config, act_bytes: int) -> float:
@@ -192,7 +205,8 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
             copies = sum(2.0 * m.weight.numel() * size for _, m in targets if m.bias is None)
             if copies <= (available_memory() or float("inf")) / 4:  # the rule use_fused_kernels applies
                 packed_copies = copies
-    step_tokens, row = largest_step_tokens(lengths, t.batch_size, t.grad_accum, packed)
+    micro_steps = t.max_steps * t.grad_accum if t.max_steps > 0 else None
+    step_tokens, row = largest_step_tokens(lengths, t.batch_size, packed, micro_steps)
     act_bytes = torch.tensor([], dtype=autocast or weight_dtype).element_size()
     activations = ACTIVATION_FACTOR * step_tokens * activation_bytes_per_token(config, act_bytes)
     if config._attn_implementation == "eager" or cfg.model.attn_implementation == "eager":

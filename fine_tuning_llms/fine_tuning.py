@@ -47,6 +47,7 @@ from .engine.trainer import (
     CompleteCheckpointCallback,
     NonFiniteLossError,
     ShardingReportCallback,
+    TimePlanCallback,
     TrainingLogCallback,
     complete_checkpoints,
     mean_eval_loss,
@@ -157,6 +158,11 @@ def training_arguments(cfg: Config, checkpoints_dir: Path, device: torch.device,
     )
 
 
+def steps_per_epoch(examples: int, args) -> int:
+    return max(1, -(-examples // (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                                  * args.world_size)))
+
+
 def run(cfg: Config) -> dict:
     from transformers import set_seed
 
@@ -234,7 +240,8 @@ def run(cfg: Config) -> dict:
     trainer = ChatTrainer(model=model, args=args, train_dataset=ExampleDataset(train_set.examples),
                           eval_dataset=ExampleDataset(eval_set.examples) if eval_set.examples else None,
                           data_collator=PackingCollator() if packed else PadCollator(pad_id),
-                          callbacks=[log_callback, CompleteCheckpointCallback(identity), ShardingReportCallback()],
+                          callbacks=[log_callback, CompleteCheckpointCallback(identity), ShardingReportCallback(),
+                                     TimePlanCallback(steps_per_epoch(len(train_set.examples), args))],
                           trained_logits_only=cfg.train.trained_logits_only, fused_head=fused,
                           packed=packed, pad_token_id=pad_id)
     log_callback.trainer = trainer

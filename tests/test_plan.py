@@ -103,3 +103,19 @@ def test_plan_task_predicts_and_times_a_trial_run(tiny_model_dir, write_jsonl, s
     # the real models' table is in benchmarks/RESULTS.md (benchmarks/bench_plan.py)
     assert abs(plan["memory"]["peak_mb"] - measured) / measured < 0.5
     assert not (out / "final_model").exists()  # the trial run's outputs are thrown away
+
+
+def test_train_prints_the_memory_plan_before_loading_and_the_time_after_four_steps(
+        tiny_model_dir, write_jsonl, sample_conversations, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    data = write_jsonl(sample_conversations * 6)
+    out = tmp_path / "run"
+    assert main(["--task", "train", "--model", str(tiny_model_dir), "--dataset_path", str(data), "--output_dir",
+                 str(out), "--max_steps", "6", "--batch_size", "2", "--lora_r", "4", "--eval_answers", "0"]) == 0
+    text = caplog.text
+    assert text.index("Memory plan: peak") < text.index("Loaded ")
+    assert "Time plan:" in text and "min per epoch" in text
+    plan = json.loads((out / "final_model" / "metrics.json").read_text())["memory_plan"]
+    assert plan["peak_mb"] >= plan["training_mb"] > plan["parts_mb"]["process"]

@@ -252,6 +252,29 @@ class ShardingReportCallback(TrainerCallback):
                                             for r, (held, _) in enumerate(counts)))
 
 
+class TimePlanCallback(TrainerCallback):
+    """The time half of the plan (engine/memory_plan.py gives the memory half before loading): once
+    ``TIMED`` steps ran, one line with the time per epoch and for the run at their speed (the first
+    step, which builds kernels and caches, is left out)."""
+
+    TIMED = 4
+
+    def __init__(self, steps_per_epoch: int):
+        self.steps_per_epoch = steps_per_epoch
+        self._first_end: float | None = None
+        self._steps_before = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        done = state.global_step - self._steps_before
+        if self._first_end is None:  # the end of this run's first step (after a resume too)
+            self._first_end, self._steps_before = time.perf_counter(), state.global_step
+        elif done == self.TIMED - 1 and is_main_process():
+            per_step = (time.perf_counter() - self._first_end) / done
+            log.info("Time plan: %.2f s per step over steps 2-%d: ~%.1f min per epoch (%d steps), ~%.1f min for the "
+                     "%d steps of this run", per_step, self.TIMED, per_step * self.steps_per_epoch / 60,
+                     self.steps_per_epoch, per_step * state.max_steps / 60, state.max_steps)
+
+
 class CompleteCheckpointCallback(TrainerCallback):
     """Records what a checkpoint belongs to, then marks it complete after Trainer has written all of it.
 

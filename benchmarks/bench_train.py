@@ -246,6 +246,9 @@ def main() -> None:
             print_breakdown(r["label"], r["breakdown"], peak)
             continue
         held_out = f"held-out loss {r['eval_loss']:.4f}" if "eval_loss" in r else "no held-out loss"
+        if "planned_peak_mb" in r:  # the memory plan the run printed before loading (engine/memory_plan.py)
+            held_out += (f"  (planned peak {r['planned_peak_mb']:,} MB: "
+                         f"{100 * (r['planned_peak_mb'] - r['peak_rss_mb']) / r['peak_rss_mb']:+.0f}%)")
         print(f"  {r['label']:44s} {r['tokens_per_s']:8.0f} tok/s  {r['seconds']:7.1f} s (+{r['eval_seconds']:.1f} s held-out "
               f"eval)  {r['steps']:4d} steps  "
               f"RSS {r['peak_rss_mb']:6.0f} MB  {held_out}  MFU {100 * r['mfu']:4.1f}%")

@@ -180,7 +180,8 @@ def child_toolkit(args, out: Path) -> dict:
     shutil.copytree(out / "final_model", args._adapter)
     return {"tokens": trainer.tokens_seen, "seconds": metrics["train_seconds"] - metrics["eval_seconds_in_training"],
             "eval_seconds": metrics["eval_seconds_in_training"], "useful_flops": useful,
-            "steps": metrics["global_steps"], "breakdown": type(breakdown).result if breakdown else None}
+            "steps": metrics["global_steps"], "breakdown": type(breakdown).result if breakdown else None,
+            "planned_peak_mb": metrics["memory_plan"]["peak_mb"]}
 
 
 def child_trl(args, out: Path) -> dict:

@@ -4,6 +4,7 @@ in fp32 / bf16 / 8-bit / 4-bit, batch 1 and 8.
 
     python benchmarks/bench_plan.py                       # the whole table (the 1B rows take minutes each)
     python benchmarks/bench_plan.py --models embedded --modes bf16 --batches 8
+    python benchmarks/bench_plan.py --largest 16          # which Llama sizes the plan says train in 16 GB
 
 Each row is one ``run_fine_tuning.py --task train --max_steps 3`` in its own process; its peak RSS
 is that process's ``ru_maxrss``, and the prediction is the plan the run itself printed and saved
@@ -45,13 +46,77 @@ def measure(model: str, mode: str, batch: int, extra: list[str]) -> dict:
                 "tokens_per_s": metrics["tokens_per_s"]}
 
 
+# Published configurations of the Llama ladder (config.json fields that set the sizes).
+LADDER = {
+    "Llama-3.2-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+    "Llama-3.2-3B": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True),
+    "Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+    "Llama-2-13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, head_dim=128, vocab_size=32000, tie_word_embeddings=False),
+}
+
+
+def largest(limit_gb: float) -> None:
+    """The plan (defaults: sample data, batch 8, max_length 512, LoRA r16 all-linear) for each
+    Llama size and option, against ``limit_gb``; weights files assumed bf16, as these are shipped."""
+    import torch
+    from transformers import LlamaConfig
+
+    from fine_tuning_llms.engine.chat_format import tokenize_conversations
+    from fine_tuning_llms.engine.config import Config, ModelConfig
+    from fine_tuning_llms.engine.data import load_train_eval
+    from fine_tuning_llms.engine.memory_plan import MB, plan_training
+    from fine_tuning_llms.engine.models import load_tokenizer
+
+    base = Config()
+    lengths = [len(e["input_ids"]) for e in tokenize_conversations(
+        load_tokenizer(ModelConfig()), load_train_eval(base.data).train.conversations, max_length=512,
+        progress=False).examples]
+    print(f"Predicted training memory (MB; the peak RSS may add the weight file's page cache while loading) of "
+          f"`--task train` defaults against {limit_gb:g} GB (`--memory_gb {limit_gb:g}`):")
+    print("| model | parameters | " + " | ".join(MODES) + " |")
+    print("|---|---|" + "---|" * len(MODES))
+    fits = {mode: None for mode in MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, shape in LADDER.items():
+            folder = Path(tmp) / name
+            LlamaConfig(**shape).save_pretrained(folder)
+            cells = []
+            for mode in MODES:
+                cfg = Config()
+                cfg.model.dtype = "float32" if mode == "fp32" else "auto"
+                cfg.model.load_8bit, cfg.model.load_4bit = mode == "8bit", mode == "4bit"
+                plan = plan_training(cfg, str(folder), lengths, torch.device("cpu"), limit_gb,
+                                     weights_file=2.0 * params_of(folder))
+                cells.append(f"{plan.training / MB:,.0f}{'' if plan.fits else ' (no)'}")
+                if plan.fits:
+                    fits[mode] = name
+            print(f"| {name} | {params_of(folder) / 1e9:.2f} B | " + " | ".join(cells) + " |")
+    print("Largest that fits: " + ", ".join(f"{mode}: {name or 'none'}" for mode, name in fits.items()))
+
+
+def params_of(folder: Path) -> int:
+    from fine_tuning_llms.engine.memory_plan import meta_model
+
+    model, _ = meta_model(str(folder))
+    return sum(p.numel() for p in model.parameters())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="embedded,1b", help="embedded, 1b (the Llama-3.2-1B shape)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--extra", default="", help="more train flags for every run, e.g. '--max_length 256'")
+    parser.add_argument("--largest", type=float, default=None, metavar="GB",
+                        help="instead: the plan for Llama 1B/3B/8B/13B shapes against this much memory")
     args = parser.parse_args()
+    if args.largest:
+        largest(args.largest)
+        return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from llama_1b_shape import llama_1b_folder
 

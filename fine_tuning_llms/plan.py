@@ -57,7 +57,7 @@ def run(cfg: Config) -> dict:
         fits = options_that_fit(cfg, lambda trial: plan_training(trial, source.location, lengths, device,
                                                                  cfg.train.memory_gb))
         result["options_that_fit"] = fits
-        log.warning("Does not fit: ~%s MB needed, %s MB available. Options that fit: %s", f"{plan.peak / MB:,.0f}",
+        log.warning("Does not fit: ~%s MB needed, %s MB available. Options that fit: %s", f"{plan.training / MB:,.0f}",
                     f"{plan.available / MB:,.0f}", "; ".join(fits) or "none (a smaller model, or more memory)")
     else:
         timing = time_steps(cfg)

@@ -12,9 +12,11 @@ moments, on top of what the process already holds (Python, torch, the tokenized 
   attention and MLP; eager attention also keeps each head's score matrix), and the vocabulary head's
   logits (fused head: one 64 MiB chunk at a time; else every position that needs logits, in fp32).
 
-``ACTIVATION_FACTOR`` scales the counted activation bytes to what the allocator really holds
-(autograd's temporaries during backward, allocator slack); it was fitted once on the embedded model
-and checked on the Llama-3.2-1B shape (benchmarks/RESULTS.md, ``benchmarks/bench_plan.py``).
+The largest step is the larger of the training batches (simulated) and the packing self-check's
+row, which runs with gradients before training. ``ACTIVATION_FACTOR`` scales the counted activation
+bytes to what the allocator really holds (autograd's temporaries, allocator slack); 1.0 fitted the
+embedded model's and the Llama-3.2-1B shape's batch-1 runs within ~25% of their activations; the
+plan-vs-measured table is in benchmarks/RESULTS.md (``benchmarks/bench_plan.py``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from .config import Config
 log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
-ACTIVATION_FACTOR = 2.0
+ACTIVATION_FACTOR = 1.0
 HEAD_CHUNK_BYTES = 3 * 64 * MB       # the fused head's chunk of fp32 logits, its softmax and gradient
 LOAD_SLACK = 1.0                     # safetensors pages read while loading, per byte of file
 
@@ -40,7 +42,7 @@ class MemoryPlan:
     """Predicted resident memory (bytes) of each part, and the peak it adds up to."""
 
     parts: dict[str, float]
-    loading: float                      # process + weights + file pages while loading
+    loading: float                      # process + weights + file pages while loading (in RSS, reclaimable)
     training: float                     # process + everything training holds at its largest step
     available: float | None             # what the run may use (process + MemAvailable), None if unknown
     step_tokens: int                    # tokens of the largest step
@@ -52,13 +54,18 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.available is None or self.peak <= self.available
+        # Training's own memory must fit; the weight file's pages that loading reads count in RSS
+        # but are page cache the kernel can drop, so they never make a run run out of memory.
+        return self.available is None or self.training <= self.available
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / MB:,.0f}" for k, v in self.parts.items() if v >= MB / 2)
         room = f" of {self.available / MB:,.0f} MB available" if self.available else ""
-        return (f"Memory plan: peak ~{self.peak / MB:,.0f} MB{room} ({'loading' if self.loading > self.training else 'training'} "
-                f"is the peak; largest step {self.step_tokens:,} tokens). Parts (MB): {parts}")
+        loading = (f"; peak RSS while loading ~{self.loading / MB:,.0f} MB, the weight file's reclaimable pages "
+                   "included" if self.loading > self.training else "")
+        notes = "".join(f"; {n}" for n in self.notes)
+        return (f"Memory plan: training needs ~{self.training / MB:,.0f} MB{room} (largest step "
+                f"{self.step_tokens:,} tokens{loading}{notes}). Parts (MB): {parts}")
 
     def as_dict(self) -> dict:
         return {"peak_mb": round(self.peak / MB), "loading_mb": round(self.loading / MB),
@@ -73,11 +80,13 @@ def current_rss() -> float:
     return float(psutil.Process().memory_info().rss)
 
 
-def available_memory(limit_gb: float | None = None) -> float | None:
-    """Bytes this process may grow to: its RSS plus the machine's (or cgroup's) free memory, or
-    ``limit_gb`` when planning for another machine."""
+def available_memory(limit_gb: float | None = None, device: torch.device | None = None) -> float | None:
+    """Bytes the run may grow to: on CPU this process's RSS plus the machine's (or cgroup's) free
+    memory; on CUDA the GPU's free memory; ``limit_gb`` when planning for another machine."""
     if limit_gb:
         return limit_gb * 1024 ** 3
+    if device is not None and device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0]) + torch.cuda.memory_allocated(device)
     import psutil
 
     free = float(psutil.virtual_memory().available)
@@ -118,12 +127,13 @@ def lora_targets(model, target_modules: str) -> list[tuple[str, torch.nn.Linear]
 
 
 def weight_bytes(model, *, dtype: torch.dtype, load_8bit: bool, load_4bit: bool) -> float:
-    """Resident bytes of the loaded weights: bitsandbytes quantises every Linear but the head."""
+    """Resident bytes of the weights while training: bitsandbytes quantises every Linear but the
+    head, and PEFT's k-bit preparation then casts every weight it did not quantise to fp32."""
     head = model.get_output_embeddings()
     quantised = set()
     if load_8bit or load_4bit:
         quantised = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head}
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = 4 if quantised else torch.tensor([], dtype=dtype).element_size()
     total, seen = 0.0, set()
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -184,18 +194,19 @@ def activation_bytes_per_token(config, act_bytes: int) -> float:
 
 def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch.device, packed: bool,
                 weight_dtype: torch.dtype, autocast: torch.dtype | None, process: float | None = None,
-                limit_gb: float | None = None) -> MemoryPlan:
+                limit_gb: float | None = None, weights_file: float | None = None) -> MemoryPlan:
     """Predict the peak of training ``cfg`` on examples of these token ``lengths`` (see module doc)."""
     model, config = meta_model(location, cfg.model.trust_remote_code)
     t = cfg.train
     quant = cfg.model.load_8bit or cfg.model.load_4bit
     text = _text_config(config)
-    process = current_rss() if process is None else process
+    on_cpu = device.type == "cpu"
+    if process is None:  # on a GPU only what this process already put there counts
+        process = current_rss() if on_cpu else float(torch.cuda.memory_allocated(device))
     weights = weight_bytes(model, dtype=weight_dtype, load_8bit=cfg.model.load_8bit, load_4bit=cfg.model.load_4bit)
     targets = lora_targets(model, t.target_modules)
     lora_params = sum(t.lora_r * (m.in_features + m.out_features) for _, m in targets)
     trainable = 16.0 * lora_params  # fp32 weight, gradient, AdamW's two moments
-    on_cpu = device.type == "cpu"
     packed_copies = 0.0
     if t.fused_kernels and on_cpu and not quant:
         from .kernels import weight_packing_available
@@ -203,10 +214,17 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
         if weight_packing_available(weight_dtype):
             size = torch.tensor([], dtype=weight_dtype).element_size()
             copies = sum(2.0 * m.weight.numel() * size for _, m in targets if m.bias is None)
-            if copies <= (available_memory() or float("inf")) / 4:  # the rule use_fused_kernels applies
+            import psutil
+
+            if copies <= psutil.virtual_memory().available / 4:  # the rule use_fused_kernels applies
                 packed_copies = copies
     micro_steps = t.max_steps * t.grad_accum if t.max_steps > 0 else None
     step_tokens, row = largest_step_tokens(lengths, t.batch_size, packed, micro_steps)
+    if packed:  # the packing self-check runs its conversations as one row, with gradients, before training
+        from .batching import check_examples
+
+        check = sum(len(e["input_ids"]) for e in check_examples([{"input_ids": range(n)} for n in lengths]))
+        step_tokens = row = max(step_tokens, check)
     act_bytes = torch.tensor([], dtype=autocast or weight_dtype).element_size()
     activations = ACTIVATION_FACTOR * step_tokens * activation_bytes_per_token(config, act_bytes)
     if config._attn_implementation == "eager" or cfg.model.attn_implementation == "eager":
@@ -218,15 +236,16 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     head = min(HEAD_CHUNK_BYTES, 3.0 * 4 * logit_positions * vocab) if fused_head else 3.0 * 4 * logit_positions * vocab
     parts = {"process": process, "weights": weights, "LoRA + AdamW": trainable, "packed weights": packed_copies,
              "activations": activations, "head logits": head}
-    loading = process + weights + LOAD_SLACK * file_bytes(location)
+    pages = (file_bytes(location) if weights_file is None else weights_file) if on_cpu else 0.0  # GPU: no page cache
+    loading = process + weights + LOAD_SLACK * pages
     training = process + weights + trainable + packed_copies + activations + head
-    notes = [] if on_cpu else ["on a GPU the peak is GPU memory; this plan counts host memory as on CPU"]
+    notes = [] if on_cpu else [f"GPU memory of {device}; host memory is not planned"]
     return MemoryPlan(parts=parts, loading=loading, training=training,
-                      available=available_memory(limit_gb), step_tokens=step_tokens, notes=notes)
+                      available=available_memory(limit_gb, device), step_tokens=step_tokens, notes=notes)
 
 
 def plan_training(cfg: Config, location: str, lengths: list[int], device: torch.device,
-                  limit_gb: float | None = None) -> MemoryPlan:
+                  limit_gb: float | None = None, weights_file: float | None = None) -> MemoryPlan:
     """``plan_memory`` with the dtypes this run will train with; lengths capped at --max_length."""
     from .models import pick_dtype
     from .precision import autocast_dtype, mixed_precision, training_model_config
@@ -235,7 +254,7 @@ def plan_training(cfg: Config, location: str, lengths: list[int], device: torch.
     autocast = autocast_dtype(*mixed_precision(cfg.model, device))
     capped = [min(n, cfg.data.max_length) for n in lengths]
     return plan_memory(cfg, location, capped, device=device, packed=cfg.train.packing, weight_dtype=weight_dtype,
-                       autocast=autocast, limit_gb=limit_gb)
+                       autocast=autocast, limit_gb=limit_gb, weights_file=weights_file)
 
 
 def check_fits(cfg: Config, location: str, lengths: list[int], device: torch.device,
@@ -248,7 +267,7 @@ def check_fits(cfg: Config, location: str, lengths: list[int], device: torch.dev
     log.info("%s", plan.describe())
     if not plan.fits:
         fits = options_that_fit(cfg, lambda trial: plan_training(trial, location, lengths, device, limit_gb))
-        raise UserError(f"training would need ~{plan.peak / MB:,.0f} MB but {plan.available / MB:,.0f} MB is available; "
+        raise UserError(f"training would need ~{plan.training / MB:,.0f} MB but {plan.available / MB:,.0f} MB is available; "
                         + (f"options that fit: {'; '.join(fits)}" if fits else
                            "no smaller setting fits: use a smaller model or a machine with more memory"))
     return plan
@@ -274,7 +293,7 @@ def options_that_fit(cfg: Config, plan_for) -> list[str]:
         trial = dataclasses.replace(cfg, **{g: dataclasses.replace(getattr(cfg, g), **v) for g, v in change.items()})
         plan = plan_for(trial)
         if plan.fits:
-            fits.append(f"{flag} (~{plan.peak / MB:,.0f} MB)")
+            fits.append(f"{flag} (~{plan.training / MB:,.0f} MB)")
     return fits
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CELL_TOKENS = 4000     # tokens a cell feeds: enough steps that the first step's set-up is amortised
-MIN_STEPS, MAX_STEPS = 6, 40
+MIN_STEPS, MAX_STEPS = 3, 40
 HELD_OUT_TOLERANCE = 0.005  # issue 21: defaults never worse than every lever off by more than 0.5%
 
 

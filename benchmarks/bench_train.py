@@ -102,9 +102,11 @@ def run_matrix_and_report(args) -> None:
         worst = summarize(rows)["worst"]
         if args.breakdown:
             peak = matmul_peak("bfloat16" if cpu_supports_bf16() else "float32")
+            # the profiler watches steps 4-8: a cell of fewer steps is profiled over 8
+            flags = [f if not f.startswith("--max_steps=") else f"--max_steps={max(worst['steps'], 8)}"
+                     for f in worst["flags"]]
             with tempfile.TemporaryDirectory() as adapter_tmp:
-                row = run_child("toolkit", args, worst["flags"] + ["--breakdown",
-                                                                   f"--_adapter={Path(adapter_tmp) / 'a'}"])
+                row = run_child("toolkit", args, flags + ["--breakdown", f"--_adapter={Path(adapter_tmp) / 'a'}"])
             print_breakdown(f"worst cell, toolkit profiled ({worst['cell'].name})", row["breakdown"], peak)
 
 

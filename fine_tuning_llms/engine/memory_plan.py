@@ -216,7 +216,8 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
             copies = sum(2.0 * m.weight.numel() * size for _, m in targets if m.bias is None)
             import psutil
 
-            if copies <= psutil.virtual_memory().available / 4:  # the rule use_fused_kernels applies
+            free = limit_gb * 1024 ** 3 if limit_gb else psutil.virtual_memory().available
+            if copies <= free / 4:  # the rule use_fused_kernels applies
                 packed_copies = copies
     micro_steps = t.max_steps * t.grad_accum if t.max_steps > 0 else None
     step_tokens, row = largest_step_tokens(lengths, t.batch_size, packed, micro_steps)

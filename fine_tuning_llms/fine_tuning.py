@@ -302,7 +302,7 @@ def run(cfg: Config) -> dict:
         "trained_tokens_per_s": round(trained_tokens_seen / training_seconds, 1) if training_seconds else None,
         "trainable_parameters": trainable, "total_parameters": total, "new_token_ids": new_ids,
         "train_examples": train_set.kept, "eval_examples": eval_set.kept, "eval_source": data.eval_source,
-        "batches": layout.as_dict(), "memory_plan": plan.as_dict(),
+        "batches": layout.as_dict(), "memory_plan": plan.as_dict() if plan else None,
     }
     comparisons = [{"prompt": msgs[-1]["content"], "reference": ref, "before": b, "after": a}
                    for (msgs, ref), b, a in zip(pairs, before_answers, after_answers)]

@@ -30,6 +30,7 @@ from .engine.artefacts import atomic_write_json
 from .engine.chat_format import tokenize_conversations
 from .engine.config import Config
 from .engine.data import load_train_eval
+from .engine.errors import UserError
 from .engine.memory_plan import MB, options_that_fit, plan_training
 from .engine.models import load_tokenizer, pick_device, resolve_model
 from .engine.outputs import TaskOutputs
@@ -50,7 +51,12 @@ def run(cfg: Config) -> dict:
                                       train_on=cfg.data.train_on, train_reasoning=cfg.data.train_reasoning,
                                       progress=False).examples
     lengths = [len(e["input_ids"]) for e in examples]
-    plan = plan_training(cfg, source.location, lengths, device, cfg.train.memory_gb)
+    try:
+        plan = plan_training(cfg, source.location, lengths, device, cfg.train.memory_gb)
+    except Exception as exc:  # e.g. a remote-code model the meta-device build cannot make
+        raise UserError(f"--task plan: {source.display_name} cannot be built from its config alone "
+                        f"({type(exc).__name__}); no plan for this model, train it with a small --max_steps to "
+                        "measure instead") from None
     log.info("%s", plan.describe())
     result = {"model": source.display_name, "memory": plan.as_dict(), "fits": plan.fits}
     if not plan.fits:

@@ -121,3 +121,22 @@ def test_train_prints_the_memory_plan_before_loading_and_the_time_after_four_ste
     assert "Time plan:" in text and "min per epoch" in text
     plan = json.loads((out / "final_model" / "metrics.json").read_text())["memory_plan"]
     assert plan["peak_mb"] >= plan["training_mb"] > plan["parts_mb"]["process"]
+
+
+def test_a_model_the_plan_cannot_build_still_trains(tiny_model_dir, write_jsonl, sample_conversations, tmp_path,
+                                                    monkeypatch, caplog):
+    import logging
+
+    import fine_tuning_llms.engine.memory_plan as memory_plan
+
+    def cannot(*args, **kwargs):
+        raise ValueError("unknown architecture")
+
+    monkeypatch.setattr(memory_plan, "meta_model", cannot)
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    assert main(["--task", "train", "--model", str(tiny_model_dir), "--dataset_path",
+                 str(write_jsonl(sample_conversations * 4)), "--output_dir", str(out), "--max_steps", "2",
+                 "--batch_size", "2", "--lora_r", "4", "--eval_answers", "0"]) == 0
+    assert "Memory plan: not available for this model (ValueError: unknown architecture)" in caplog.text
+    assert json.loads((out / "final_model" / "metrics.json").read_text())["memory_plan"] is None

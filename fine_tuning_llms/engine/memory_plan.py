@@ -232,7 +232,7 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
         rows = 1 if packed else min(t.batch_size, len(lengths))
         activations += 2.0 * rows * text.num_attention_heads * row * row * act_bytes * text.num_hidden_layers
     vocab = model.get_output_embeddings().weight.shape[0]
-    logit_positions = step_tokens if not t.trained_logits_only else step_tokens // 2
+    logit_positions = step_tokens if not t.trained_logits_only else step_tokens // 2  # ~half are trained, typically
     fused_head = t.fused_kernels and t.trained_logits_only
     head = min(HEAD_CHUNK_BYTES, 3.0 * 4 * logit_positions * vocab) if fused_head else 3.0 * 4 * logit_positions * vocab
     parts = {"process": process, "weights": weights, "LoRA + AdamW": trainable, "packed weights": packed_copies,
@@ -259,12 +259,17 @@ def plan_training(cfg: Config, location: str, lengths: list[int], device: torch.
 
 
 def check_fits(cfg: Config, location: str, lengths: list[int], device: torch.device,
-               limit_gb: float | None = None) -> MemoryPlan:
+               limit_gb: float | None = None) -> MemoryPlan | None:
     """The plan, logged; a run predicted not to fit stops here (before loading weights) with one
     line naming the options that would fit."""
     from .errors import UserError
 
-    plan = plan_training(cfg, location, lengths, device, limit_gb)
+    try:
+        plan = plan_training(cfg, location, lengths, device, limit_gb)
+    except Exception as exc:  # a model the meta-device build cannot make: train without a plan, say so
+        log.warning("Memory plan: not available for this model (%s: %s); training goes on without it",
+                    type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
+        return None
     log.info("%s", plan.describe())
     if not plan.fits:
         fits = options_that_fit(cfg, lambda trial: plan_training(trial, location, lengths, device, limit_gb))

@@ -25,17 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODES = {"fp32": ["--dtype", "float32"], "bf16": [], "8bit": ["--load_8bit"], "4bit": ["--load_4bit"]}
-# Run the CLI in this process and write its peak RSS (KiB) where the parent asked.
-WRAPPER = ("import resource, sys, runpy, atexit, pathlib;"
-           "out = pathlib.Path(sys.argv.pop(1));"
-           "atexit.register(lambda: out.write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)));"
-           "sys.argv[0] = 'run_fine_tuning.py'; runpy.run_path('run_fine_tuning.py', run_name='__main__')")
 
 
 def measure(model: str, mode: str, batch: int, extra: list[str]) -> dict:
+    from fine_tuning_llms.plan import PEAK_RSS_WRAPPER
+
     with tempfile.TemporaryDirectory() as tmp:
         rss = Path(tmp) / "rss"
-        cmd = [sys.executable, "-c", WRAPPER, str(rss), "--task", "train", "--model", model, "--max_steps", "3",
+        cmd = [sys.executable, "-c", PEAK_RSS_WRAPPER, str(rss), "--task", "train", "--model", model, "--max_steps", "3",
                "--batch_size", str(batch), "--eval_answers", "0", "--save_steps", "1000", "--output_dir",
                str(Path(tmp) / "out"), *MODES[mode], *extra]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})

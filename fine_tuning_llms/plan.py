@@ -83,8 +83,9 @@ def run(cfg: Config) -> dict:
     return result
 
 
-# The trial run: the CLI in a child process that reports its own peak RSS (KiB) on exit.
-_WRAPPER = ("import atexit, pathlib, resource, runpy, sys; out = pathlib.Path(sys.argv.pop(1)); "
+# The trial run: the CLI in a child process that writes its own peak RSS (KiB) on exit to the file
+# named by its first argument (benchmarks/bench_plan.py measures its rows the same way).
+PEAK_RSS_WRAPPER = ("import atexit, pathlib, resource, runpy, sys; out = pathlib.Path(sys.argv.pop(1)); "
             "atexit.register(lambda: out.write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))); "
             "sys.argv[0] = 'fine_tuning_llms'; runpy.run_module('fine_tuning_llms', run_name='__main__')")
 
@@ -98,7 +99,7 @@ def time_steps(cfg: Config) -> dict:
         tmp = Path(tmp)
         (tmp / "run.yaml").write_text(yaml.safe_dump(settings), encoding="utf-8")
         settings_file, rss = tmp / "run.yaml", tmp / "rss"
-        cmd = [sys.executable, "-c", _WRAPPER, str(rss), "--config", str(settings_file), "--task", "train",
+        cmd = [sys.executable, "-c", PEAK_RSS_WRAPPER, str(rss), "--config", str(settings_file), "--task", "train",
                "--output_dir", str(tmp / "out"), "--max_steps", str(TIMED_STEPS), "--logging_steps", "1",
                "--eval_answers", "0", "--save_steps", "1000000", "--overwrite_output_dir", "true"]
         log.info("Timing %d training steps in a trial run (its outputs are thrown away)...", TIMED_STEPS)

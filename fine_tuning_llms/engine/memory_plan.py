@@ -301,10 +301,3 @@ def options_that_fit(cfg: Config, plan_for) -> list[str]:
         if plan.fits:
             fits.append(f"{flag} (~{plan.training / MB:,.0f} MB)")
     return fits
-
-
-def plan_json(plan: MemoryPlan, path: Path) -> None:
-    from .artefacts import atomic_write_json
-
-    atomic_write_json(path, plan.as_dict())
-

@@ -108,6 +108,20 @@ def run_matrix_and_report(args) -> None:
             with tempfile.TemporaryDirectory() as adapter_tmp:
                 row = run_child("toolkit", args, flags + ["--breakdown", f"--_adapter={Path(adapter_tmp) / 'a'}"])
             print_breakdown(f"worst cell, toolkit profiled ({worst['cell'].name})", row["breakdown"], peak)
+            print_bound(row, worst["trl"]["tokens_per_s"])
+
+
+def print_bound(row: dict, trl_tokens_per_s: float) -> None:
+    """The speed the profiled step would reach if only its matmuls and attention took time (at the
+    rate they ran): what no trimming of the other ops, Python, autograd or the Trainer can beat."""
+    b = row["breakdown"]
+    if not b:
+        return
+    kernels = (b["split"]["matmul"] + b["split"]["attention"]) / b["steps"]
+    tokens = row["tokens"] / row["steps"]  # the run's mean step: the profiled steps are a sample of it
+    rate = tokens / kernels
+    print(f"  bound: with everything but the matmuls and attention free, a step of ~{tokens:.0f} tokens takes "
+          f"{kernels:.2f} s: {rate:.0f} tok/s = {rate / trl_tokens_per_s:.2f}x TRL's {trl_tokens_per_s:.0f} tok/s")
 
 
 def lora_summary(config) -> str:

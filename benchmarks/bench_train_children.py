@@ -232,6 +232,7 @@ def child_ceiling(args) -> dict:
     norms, activations, loss, optimizer, casts and Python are taken as free. FLOPs are counted as
     for the runs (``_flops_per_token``)."""
     import torch
+    import torch.nn.functional as F
     from peft import get_peft_model
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -265,25 +266,25 @@ def child_ceiling(args) -> dict:
         if isinstance(module, LoraLinear):
             name = module.active_adapters[0]
             weight = module.base_layer.weight.detach().to(dtype)
-            layers.append((PackedWeight(weight) if packed else weight, module.lora_A[name].weight.detach().to(dtype),
+            layers.append((weight, PackedWeight(weight) if packed else None, module.lora_A[name].weight.detach().to(dtype),
                            module.lora_B[name].weight.detach().to(dtype), module.scaling[name]))
     head = model.get_output_embeddings().weight.detach().to(dtype)
     del model
     hidden = head.shape[1]
     widest = max(rows)
-    inputs = {n: torch.randn(widest, n, dtype=dtype) for n in {hidden, *(w.shape[1] for _, w, _, _ in layers)}}
-    grads = {n: torch.randn(widest, n, dtype=dtype) for n in {b.shape[0] for _, _, b, _ in layers}}
+    inputs = {n: torch.randn(widest, n, dtype=dtype) for n in {hidden, *(a.shape[1] for _, _, a, _, _ in layers)}}
+    grads = {n: torch.randn(widest, n, dtype=dtype) for n in {b.shape[0] for _, _, _, b, _ in layers}}
     head_grad = torch.randn(max(trained), head.shape[0], dtype=dtype)
 
     def step(m: int, t: int) -> None:
-        for base, a, b, s in layers:  # LoraLinearFunction's forward and backward matmuls, in order
+        for base, packed_base, a, b, s in layers:  # LoraLinearFunction's forward and backward matmuls, in order
             x, g = inputs[a.shape[1]][:m], grads[b.shape[0]][:m]
             xa = x @ a.t()
-            y = base.forward(x) if packed else x @ base.t()
+            y = F.linear(x, base)
             y.addmm_(xa, b.t(), alpha=s)
             gxa = g @ b
             gxa.t() @ x, g.t() @ xa  # the LoRA weight gradients (only their time counts here)
-            gx = base.backward(g) if packed else g @ base
+            gx = packed_base.backward(g) if packed_base is not None else g @ base
             gx.addmm_(gxa, a, alpha=s)
         h = inputs[hidden][:t]  # HeadCrossEntropyFunction's two matmuls
         h @ head.t(), head_grad[:t] @ head
@@ -331,7 +332,7 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0) -> float:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         kernels = [lambda a=a, b=b: a @ b]
         if weight_packing_available(dtype):
-            packed = PackedWeight(b.t())  # computes a @ b too
+            packed = PackedWeight(b.t(), forward=True)  # computes a @ b too
             kernels.append(lambda a=a, packed=packed: packed.forward(a))
         for kernel in kernels:
             kernel()

@@ -54,6 +54,22 @@ def test_activations_grow_with_the_step_and_the_attention(tiny_model_dir):
     assert activation_bytes_per_token(config, 4) == 2 * activation_bytes_per_token(config, 2)
 
 
+def test_kbit_activations_count_the_fp32_stream_and_peft_input_copies(tiny_model_dir):
+    cfg = Config()
+    cfg.model.load_8bit = True
+    kbit = plan_memory(cfg, str(tiny_model_dir), [50] * 16, device=torch.device("cpu"), packed=True,
+                       weight_dtype=torch.bfloat16, autocast=torch.bfloat16, process=100 * MB)
+    plain = plan_for(tiny_model_dir, [50] * 16)
+    model, config = meta_model(str(tiny_model_dir))
+    inputs = sum(m.in_features for m in model.modules()
+                 if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings())  # all-linear
+    per_token = activation_bytes_per_token(config, 4) + 2 * inputs  # fp32 residual stream + bf16 LoRA input copies
+    assert kbit.step_tokens == plain.step_tokens
+    assert kbit.parts["activations"] == pytest.approx(kbit.step_tokens * per_token)
+    assert kbit.parts["activations"] > 2 * plain.parts["activations"]
+    assert kbit.parts["packed weights"] == 0  # the fused LoRA kernel (and its packing) skips k-bit layers
+
+
 def test_a_run_that_does_not_fit_stops_before_loading_and_names_what_fits(tiny_model_dir, write_jsonl,
                                                                           sample_conversations, tmp_path, capfd,
                                                                           monkeypatch):

@@ -7,7 +7,7 @@ moments, on top of what the process already holds (Python, torch, the tokenized 
 - loading: the weights as they will stay, plus the safetensors pages read to make them (read
   through a memory map, they count as resident while loading runs);
 - training: the weights, the LoRA weights with their gradients and AdamW's two moments (fp32),
-  the frozen LoRA weights' packed copies (fused kernels on CPU), the activations autograd keeps
+  the frozen LoRA weights' packed copy (fused kernels on CPU), the activations autograd keeps
   for the largest step (per token and layer: the inputs and outputs of the norms, projections,
   attention and MLP; eager attention also keeps each head's score matrix), and the vocabulary head's
   logits (fused head: one 64 MiB chunk at a time; else every position that needs logits, in fp32).
@@ -213,7 +213,7 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
 
         if weight_packing_available(weight_dtype):
             size = torch.tensor([], dtype=weight_dtype).element_size()
-            copies = sum(2.0 * m.weight.numel() * size for _, m in targets if m.bias is None)
+            copies = sum(1.0 * m.weight.numel() * size for _, m in targets if m.bias is None)  # kernels.packed_bytes
             import psutil
 
             free = limit_gb * 1024 ** 3 if limit_gb else psutil.virtual_memory().available
@@ -227,7 +227,13 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
         check = sum(len(e["input_ids"]) for e in check_examples([{"input_ids": range(n)} for n in lengths]))
         step_tokens = row = max(step_tokens, check)
     act_bytes = torch.tensor([], dtype=autocast or weight_dtype).element_size()
-    activations = ACTIVATION_FACTOR * step_tokens * activation_bytes_per_token(config, act_bytes)
+    # k-bit: PEFT's preparation casts the embeddings and norms to fp32, so the residual stream is fp32
+    # (keeping them bf16 saved memory but trained ~1% worse, benchmarks/RESULTS.md), and under
+    # autocast PEFT's LoRA layers (not the fused kernel) keep a bf16 copy of every input they get.
+    per_token = activation_bytes_per_token(config, 4 if quant else act_bytes)
+    if quant and autocast is not None:
+        per_token += act_bytes * sum(m.in_features for _, m in targets)
+    activations = ACTIVATION_FACTOR * step_tokens * per_token
     if config._attn_implementation == "eager" or cfg.model.attn_implementation == "eager":
         rows = 1 if packed else min(t.batch_size, len(lengths))
         activations += 2.0 * rows * text.num_attention_heads * row * row * act_bytes * text.num_hidden_layers

@@ -80,7 +80,7 @@ def _available_memory() -> int | None:
 
 
 def _weight_packing_fits(lora_layers: list) -> bool:
-    """Whether the LoRA layers' frozen CPU weights get packed copies: there are some, this torch
+    """Whether the LoRA layers' frozen CPU weights get a packed copy: there are some, this torch
     build has the oneDNN ops, and the copies take at most a quarter of the memory available."""
     cpu_weights = [m.base_layer.weight for m in lora_layers if m.base_layer.weight.device.type == "cpu"]
     if not cpu_weights:
@@ -106,8 +106,8 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
     ``TESTED_VERSIONS`` or LlamaAttention.forward no longer takes the arguments the attention node
     passes on; attention alone stays as it is where this torch build lacks the CPU flash ops.
     With ``pack_weights`` the LoRA layers' frozen CPU weights are also reordered once for oneDNN
-    (``PackedWeight``), unless this torch build lacks the ops or the two extra copies would take
-    more than a quarter of the memory this machine has available."""
+    (``PackedWeight``, one copy for the input gradient), unless this torch build lacks the ops or
+    the copies would take more than a quarter of the memory this machine has available."""
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
 
     refused = fused_paths_refused()

@@ -14,9 +14,9 @@ training with gradients on plain LoRA layers (no DoRA, no dropout, unquantised f
 weights); everything else, eval and generation included, keeps PEFT's code.
 
 On CPU the frozen base weights are also reordered once, while training, into the blocked layout
-oneDNN computes with (``PackedWeight``): a plain matmul reorders its weight again at every call.
-That costs two extra copies of those weights, freed when training ends, and is skipped when they
-would not fit comfortably in memory or this torch build lacks the oneDNN ops.
+oneDNN computes the input gradient ``g @ W`` with (``PackedWeight``): a plain matmul reorders its
+weight again at every call. That costs one extra copy of those weights, freed when training ends,
+and is skipped when it would not fit comfortably in memory or this torch build lacks the oneDNN ops.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ PACKING_OPS = ("_reorder_linear_weight", "_linear_pointwise")  # torch.ops.mkldn
 
 class LoraLinearFunction(torch.autograd.Function):
     """x: (N, in) in the compute dtype; weight: frozen (out, in); lora_a: (r, in); lora_b: (out, r);
-    packed: None, or ``PackedWeight`` copies of ``weight`` for the two frozen-weight matmuls."""
+    packed: None, or ``weight``'s ``PackedWeight`` for the input gradient through the frozen weight."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scaling: float, packed=None):
@@ -38,7 +38,7 @@ class LoraLinearFunction(torch.autograd.Function):
         a = lora_a.to(dtype)
         b = lora_b.to(dtype)
         xa = x @ a.t()                                        # (N, r)
-        y = packed.forward(x) if packed is not None else F.linear(x, weight.to(dtype))  # (N, out) base
+        y = F.linear(x, weight.to(dtype))                     # (N, out) base
         y.addmm_(xa, b.t(), alpha=scaling)                    # + s * (x A^T) B^T, in place
         ctx.save_for_backward(x, weight, a, b, xa)
         ctx.scaling = scaling
@@ -65,28 +65,32 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 class PackedWeight:
-    """A frozen CPU weight reordered once into oneDNN's blocked layout, for ``x @ W.T`` (forward)
-    and ``g @ W`` (input gradient).
+    """A frozen CPU weight reordered once into oneDNN's blocked layout, for the input gradient
+    ``g @ W`` (and, with ``forward=True``, a second copy for ``x @ W.T``).
 
-    Every plain CPU matmul reorders its weight operand into that layout again, each call; for the
-    few-hundred-row products of a training step that is a noticeable share of the matmul time,
-    more in fp32 than in bf16, where a few shapes gain nothing (benchmarks/RESULTS.md). The two
-    copies cost 2 x the frozen weight's size while training; ``release_packed_weights`` frees them
-    when training ends. They are made from the weight as it is when first needed, so they are only
-    valid while the weight is frozen and unchanged, which is what LoRA training guarantees (``key``
-    also catches a replaced tensor). The oneDNN ops are looked up at each call, never at import."""
+    Every plain CPU matmul reorders its weight operand into that layout again, each call. For the
+    input gradient that costs 3-22% of the product at the embedded model's and Llama-3.2-1B's
+    shapes; for the forward product only 1-8% (benchmarks/RESULTS.md), too little to pay a second
+    copy of every frozen weight, so training packs the backward one only (``forward`` is there for
+    the benchmarks' matmul peak). The copy costs 1 x the frozen weight's size while training;
+    ``release_packed_weights`` frees it when training ends. It is made from the weight as it is when
+    first needed, so it is only valid while the weight is frozen and unchanged, which is what LoRA
+    training guarantees (``key`` also catches a replaced tensor). The oneDNN ops are looked up at
+    each call, never at import."""
 
     ROWS_HINT = 512  # oneDNN picks the blocking for about this many rows; any row count works
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, forward: bool = False):
         w = weight.detach()
         reorder = torch.ops.mkldnn._reorder_linear_weight
         self.key = _weight_key(weight)
-        self.nbytes = packed_bytes(w)
-        self._forward = reorder(w, self.ROWS_HINT)                      # for x @ W.T
         self._backward = reorder(w.t().contiguous(), self.ROWS_HINT)    # for g @ W
+        self._forward = reorder(w, self.ROWS_HINT) if forward else None  # for x @ W.T
+        self.nbytes = packed_bytes(w) * (2 if forward else 1)
 
     def forward(self, x):
+        if self._forward is None:
+            raise RuntimeError("this PackedWeight was made without its forward copy")
         return torch.ops.mkldnn._linear_pointwise(x, self._forward, None, "none", [], "")
 
     def backward(self, grad):
@@ -94,8 +98,8 @@ class PackedWeight:
 
 
 def packed_bytes(weight: torch.Tensor) -> int:
-    """Memory the two packed copies of ``weight`` take."""
-    return 2 * weight.numel() * weight.element_size()
+    """Memory the packed (backward) copy of ``weight`` takes while training."""
+    return weight.numel() * weight.element_size()
 
 
 def _weight_key(weight: torch.Tensor) -> tuple:

@@ -14,9 +14,10 @@ moments, on top of what the process already holds (Python, torch, the tokenized 
 
 The largest step is the larger of the training batches (simulated) and the packing self-check's
 row, which runs with gradients before training. ``ACTIVATION_FACTOR`` scales the counted activation
-bytes to what the allocator really holds (autograd's temporaries, allocator slack); 1.0 fitted the
-embedded model's and the Llama-3.2-1B shape's batch-1 runs within ~25% of their activations; the
-plan-vs-measured table is in benchmarks/RESULTS.md (``benchmarks/bench_plan.py``).
+bytes to what the allocator really holds (autograd's temporaries, allocator slack); with 1.0 the
+predicted peak is within -20%..+2% of the measured peak RSS for the embedded model and the
+Llama-3.2-1B shape in fp32/bf16/8-bit/4-bit at batch 1 and 8 (benchmarks/RESULTS.md,
+``benchmarks/bench_plan.py``).
 """
 from __future__ import annotations
 

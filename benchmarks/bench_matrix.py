@@ -8,7 +8,8 @@ cell feeds ~``CELL_TOKENS`` tokens (a cell of tiny steps runs more of them). Per
 each trainer's training loop (non-pad tokens fed forward over the loop's wall time), the ratio, and
 the held-out loss of the toolkit's defaults vs the toolkit with every lever off (``--packing false
 --fused_kernels false --trained_logits_only false``), each adapter evaluated the same way in a fresh
-process. Printed at the end: the worst cell, and with ``--breakdown`` where its step time goes.
+process. Printed at the end: the worst cell, and with ``--breakdown`` where its step time goes and
+the bound its matmuls and attention alone set (the speed if everything else took no time).
 
 Imported by ``benchmarks/bench_train.py``.
 """

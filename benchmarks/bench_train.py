@@ -6,7 +6,7 @@
     python benchmarks/bench_train.py --only toolkit --breakdown   # where a step's time goes
     python benchmarks/bench_train.py --skip_load --repeats 3      # the pair 3 times, alternating: medians
     python benchmarks/bench_train.py --only toolkit --ceiling     # the highest MFU this step could reach here
-    python benchmarks/bench_train.py --matrix --breakdown  # 14 workload shapes vs TRL; the worst cell's step split
+    python benchmarks/bench_train.py --matrix --breakdown  # 14 workload shapes vs TRL; the worst cell's step split and bound
     python benchmarks/bench_train.py --matrix --cells "short b1,long b16"   # some cells only
 
 Same model (embedded SmolLM2-135M-Instruct), conversations, LoRA config, batch size, max length,

@@ -332,8 +332,8 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0) -> float:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         kernels = [lambda a=a, b=b: a @ b]
         if weight_packing_available(dtype):
-            packed = PackedWeight(b.t(), forward=True)  # computes a @ b too
-            kernels.append(lambda a=a, packed=packed: packed.forward(a))
+            packed = PackedWeight(b)  # its input-gradient product g @ W computes a @ b
+            kernels.append(lambda a=a, packed=packed: packed.backward(a))
         for kernel in kernels:
             kernel()
             reps, start = 0, time.perf_counter()

@@ -210,15 +210,15 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     trainable = 16.0 * lora_params  # fp32 weight, gradient, AdamW's two moments
     packed_copies = 0.0
     if t.fused_kernels and on_cpu and not quant:
-        from .kernels import weight_packing_available
+        from .kernels import packed_bytes, packing_fits, weight_packing_available
 
         if weight_packing_available(weight_dtype):
-            size = torch.tensor([], dtype=weight_dtype).element_size()
-            copies = sum(1.0 * m.weight.numel() * size for _, m in targets if m.bias is None)  # kernels.packed_bytes
+            copies = float(sum(packed_bytes(torch.empty(m.weight.shape, dtype=weight_dtype, device="meta"))
+                               for _, m in targets if m.bias is None))
             import psutil
 
             free = limit_gb * 1024 ** 3 if limit_gb else psutil.virtual_memory().available
-            if copies <= free / 4:  # the rule use_fused_kernels applies
+            if packing_fits(copies, free):  # the rule use_fused_kernels applies
                 packed_copies = copies
     micro_steps = t.max_steps * t.grad_accum if t.max_steps > 0 else None
     step_tokens, row = largest_step_tokens(lengths, t.batch_size, packed, micro_steps)

@@ -35,6 +35,7 @@ from .lora_linear import (
     PackedWeight,
     lora_linear_forward,
     packed_bytes,
+    packing_fits,
     plain_adapter,
     weight_packing_available,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "head_chunk_rows",
     "head_for_fused_loss",
     "packed_bytes",
+    "packing_fits",
     "release_packed_weights",
     "use_fused_kernels",
     "weight_packing_available",
@@ -91,7 +93,7 @@ def _weight_packing_fits(lora_layers: list) -> bool:
         return False
     extra = sum(packed_bytes(w) for w in cpu_weights)
     available = _available_memory()
-    if available is not None and extra > available // 4:
+    if not packing_fits(extra, available):
         log.info("Packed weights off: their %.1f GB would exceed a quarter of the %.1f GB of memory available",
                  extra / 1e9, available / 1e9)
         return False

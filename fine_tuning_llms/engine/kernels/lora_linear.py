@@ -66,40 +66,39 @@ class LoraLinearFunction(torch.autograd.Function):
 
 class PackedWeight:
     """A frozen CPU weight reordered once into oneDNN's blocked layout, for the input gradient
-    ``g @ W`` (and, with ``forward=True``, a second copy for ``x @ W.T``).
+    ``g @ W``.
 
     Every plain CPU matmul reorders its weight operand into that layout again, each call. For the
     input gradient that costs 3-22% of the product at the embedded model's and Llama-3.2-1B's
     shapes; for the forward product only 1-8% (benchmarks/RESULTS.md), too little to pay a second
-    copy of every frozen weight, so training packs the backward one only (``forward`` is there for
-    the benchmarks' matmul peak). The copy costs 1 x the frozen weight's size while training;
-    ``release_packed_weights`` frees it when training ends. It is made from the weight as it is when
+    copy of every frozen weight, so only the backward product is packed. The copy costs 1 x the
+    frozen weight's size while training; ``release_packed_weights`` frees it when training ends.
+    It is made from the weight as it is when
     first needed, so it is only valid while the weight is frozen and unchanged, which is what LoRA
     training guarantees (``key`` also catches a replaced tensor). The oneDNN ops are looked up at
     each call, never at import."""
 
     ROWS_HINT = 512  # oneDNN picks the blocking for about this many rows; any row count works
 
-    def __init__(self, weight: torch.Tensor, forward: bool = False):
+    def __init__(self, weight: torch.Tensor):
         w = weight.detach()
-        reorder = torch.ops.mkldnn._reorder_linear_weight
         self.key = _weight_key(weight)
-        self._backward = reorder(w.t().contiguous(), self.ROWS_HINT)    # for g @ W
-        self._forward = reorder(w, self.ROWS_HINT) if forward else None  # for x @ W.T
-        self.nbytes = packed_bytes(w) * (2 if forward else 1)
-
-    def forward(self, x):
-        if self._forward is None:
-            raise RuntimeError("this PackedWeight was made without its forward copy")
-        return torch.ops.mkldnn._linear_pointwise(x, self._forward, None, "none", [], "")
+        self.nbytes = packed_bytes(w)
+        self._backward = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), self.ROWS_HINT)  # for g @ W
 
     def backward(self, grad):
         return torch.ops.mkldnn._linear_pointwise(grad, self._backward, None, "none", [], "")
 
 
 def packed_bytes(weight: torch.Tensor) -> int:
-    """Memory the packed (backward) copy of ``weight`` takes while training."""
+    """Memory the packed copy of ``weight`` takes while training (a meta tensor works too)."""
     return weight.numel() * weight.element_size()
+
+
+def packing_fits(extra: float, available: float | None) -> bool:
+    """Whether packed copies of ``extra`` bytes are made: at most a quarter of the memory available
+    (None: unknown, made)."""
+    return available is None or extra <= available / 4
 
 
 def _weight_key(weight: torch.Tensor) -> tuple:

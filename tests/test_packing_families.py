@@ -124,3 +124,53 @@ def test_training_with_the_defaults_equals_the_plain_way(family_dirs, family, at
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=1e-5, atol=0)
     for key in ("eval_loss_before", "eval_loss_after"):
         torch.testing.assert_close(fast_metrics[key], plain_metrics[key], rtol=1e-5, atol=0)
+
+
+def saved_bytes_and_grads(model, batch):
+    """Loss, gradients and the bytes autograd saved for the backward, of one packed training row."""
+    from fine_tuning_llms.engine.trainer import trained_token_loss
+
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, n, _ = trained_token_loss(model, batch, fused_head=True)
+    (loss / n).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, sum(saved)
+
+
+@pytest.mark.parametrize("family,attn", PAIRS)
+def test_gradient_checkpointing_gives_the_same_gradients_keeping_less(family_dirs, examples, family, attn):
+    from fine_tuning_llms.engine.lora import enable_gradient_checkpointing
+
+    batch = packing.PackingCollator()(examples[:4])
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = lora_model(family_dirs[family], attn)
+        use_fused_kernels(model)
+        if checkpointed:
+            enable_gradient_checkpointing(model)
+        assert packing.choose_layout(model, examples, enabled=True, fused_head=True).packed  # self-check passes
+        results.append(saved_bytes_and_grads(model, batch))
+    (loss, grads, kept), (ck_loss, ck_grads, ck_kept) = results
+    torch.testing.assert_close(ck_loss, loss, rtol=1e-6, atol=0)
+    assert ck_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(ck_grads[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert ck_kept < kept / 2  # the layers' activations were recomputed, not kept
+
+
+def test_training_with_gradient_checkpointing_equals_training_without(family_dirs, write_jsonl, tmp_path):
+    data = write_jsonl(SAMPLE_CONVERSATIONS * 4)
+    plain, plain_metrics = run_train(family_dirs["llama"], data, tmp_path / "plain", "sdpa")
+    checkpointed, metrics = run_train(family_dirs["llama"], data, tmp_path / "ckpt", "sdpa", "--gradient_checkpointing")
+    assert metrics["batches"]["packed"]
+    torch.testing.assert_close(torch.tensor(checkpointed), torch.tensor(plain), rtol=1e-5, atol=0)
+    torch.testing.assert_close(metrics["eval_loss_after"], plain_metrics["eval_loss_after"], rtol=1e-5, atol=0)
+    assert metrics["memory_plan"]["parts_mb"]["activations"] < plain_metrics["memory_plan"]["parts_mb"]["activations"]

@@ -1,6 +1,7 @@
 """Memory plan (engine/memory_plan.py) and `--task plan` on tiny local models: the parts are counted
 from the config alone, they order the way dtypes and quantisation say, a run predicted not to fit
 stops before loading with the options that fit, and the plan task times a trial run."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -70,6 +71,18 @@ def test_kbit_activations_count_the_fp32_stream_and_peft_input_copies(tiny_model
     assert kbit.parts["packed weights"] == 0  # the fused LoRA kernel (and its packing) skips k-bit layers
 
 
+def test_checkpointed_activations_are_the_layer_inputs_and_one_layer(tiny_model_dir):
+    full = plan_for(tiny_model_dir, [50] * 16)
+    checkpointed = plan_for(tiny_model_dir, [50] * 16, gradient_checkpointing=True)
+    _, config = meta_model(str(tiny_model_dir))
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    per_token = layers * hidden * 2 + activation_bytes_per_token(config, 2) / layers  # bf16 stream, one layer
+    assert checkpointed.step_tokens == full.step_tokens
+    assert checkpointed.parts["activations"] == pytest.approx(checkpointed.step_tokens * per_token)
+    assert checkpointed.parts["activations"] < full.parts["activations"]
+    assert checkpointed.training < full.training
+
+
 def test_a_run_that_does_not_fit_stops_before_loading_and_names_what_fits(tiny_model_dir, write_jsonl,
                                                                           sample_conversations, tmp_path, capfd,
                                                                           monkeypatch):
@@ -97,12 +110,16 @@ def test_options_that_fit_are_real_options(tiny_model_dir, write_jsonl, sample_c
     lengths = [900] * 128
     device = torch.device("cpu")
     full = plan_training(cfg, str(tiny_model_dir), lengths, device)
-    # a limit between the process itself and the full plan: smaller batches fit, the full one does not
-    limit = (full.training - full.parts["activations"] * 0.5) / 1024 ** 3
+    checkpointed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_checkpointing=True))
+    saved = full.training - plan_training(checkpointed, str(tiny_model_dir), lengths, device).training
+    # a limit under the full plan that checkpointing and half the batch (half the activations) both meet
+    limit = (full.training - min(saved, full.parts["activations"] * 0.5) * 0.9) / 1024 ** 3
     plan = plan_training(cfg, str(tiny_model_dir), lengths, device, limit)
     assert not plan.fits
     fits = options_that_fit(cfg, lambda trial: plan_training(trial, str(tiny_model_dir), lengths, device, limit))
-    assert fits and all(f.startswith(("--batch_size", "--max_length", "--load_")) for f in fits)
+    assert fits and all(f.startswith(("--gradient_checkpointing", "--batch_size", "--max_length", "--load_"))
+                        for f in fits)
+    assert fits[0].startswith("--gradient_checkpointing")  # same gradients: named first
     assert any(f.startswith("--batch_size 32 --grad_accum 2") for f in fits)  # same effective batch
 
 

@@ -104,8 +104,12 @@ class TrainConfig:
     fused_kernels: bool = _f(True, "While training, run each plain LoRA layer, packed attention (CPU), RMSNorm, "
                              "and the vocabulary head with the loss as one autograd node each (same maths and "
                              "parameters, fewer ops, no full logits); on CPU the frozen LoRA base weights are "
-                             "also prepacked for oneDNN while training (2 extra copies, freed after). "
+                             "also prepacked for oneDNN while training (1 extra copy, freed after). "
                              "--fused_kernels false uses PEFT's and transformers' own forward.")
+    gradient_checkpointing: bool = _f(False, "Recompute each decoder layer's activations in the backward pass "
+                                      "instead of keeping them: activation memory shrinks to each layer's input "
+                                      "plus one layer's worth, for about one more forward pass per step; the "
+                                      "gradients are the same. The memory plan names it when a run does not fit.")
     memory_gb: float | None = _f(None, "Memory to plan for, in GB (--task plan, and the check at the start of train "
                                  "that stops a run predicted not to fit): default, what this machine has free.")
     new_tokens: list[str] = _f([], "Special tokens to add before training; their embedding rows are trained "

@@ -148,7 +148,31 @@ def prepare_peft_model(cfg: Config, model, tokenizer):
     except ValueError as exc:
         raise UserError(f"--target_modules {cfg.train.target_modules}: {str(exc).splitlines()[0][:160]}; use "
                         "all-linear or names such as q_proj,v_proj") from None
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
     return peft_model, new_ids
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute every decoder layer in the backward pass instead of keeping its activations.
+
+    Non-reentrant torch checkpointing: gradients reach the LoRA weights inside a layer without its
+    input needing ``requires_grad`` (so the hook transformers adds to make the embeddings' output
+    require it is taken off again: it would only add the input gradient of the first layer), and
+    custom autograd nodes (the fused kernels) recompute the tensors they saved. Set before the
+    packing self-check so the check runs the path training takes.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise UserError(f"{type(base).__name__} does not support gradient checkpointing; train without "
+                        "--gradient_checkpointing (a smaller --batch_size or --max_length saves memory too)")
+    hooked = getattr(base, "_require_grads_hook", None) is not None  # k-bit preparation may have set it
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not hooked and getattr(base, "_require_grads_hook", None) is not None:
+        base.disable_input_require_grads()
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ moments, on top of what the process already holds (Python, torch, the tokenized 
 - training: the weights, the LoRA weights with their gradients and AdamW's two moments (fp32),
   the frozen LoRA weights' packed copy (fused kernels on CPU), the activations autograd keeps
   for the largest step (per token and layer: the inputs and outputs of the norms, projections,
-  attention and MLP; eager attention also keeps each head's score matrix), and the vocabulary head's
+  attention and MLP; eager attention also keeps each head's score matrix; with gradient
+  checkpointing each layer's input and one layer's activations), and the vocabulary head's
   logits (fused head: one 64 MiB chunk at a time; else every position that needs logits, in fp32).
 
 The largest step is the larger of the training batches (simulated) and the packing self-check's
@@ -234,10 +235,17 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     per_token = activation_bytes_per_token(config, 4 if quant else act_bytes)
     if quant and autocast is not None:
         per_token += act_bytes * sum(m.in_features for _, m in targets)
+    layers_held = text.num_hidden_layers
+    if t.gradient_checkpointing:
+        # each layer keeps only its input (the residual stream: fp32 under k-bit preparation) and
+        # the backward recomputes one layer's activations at a time
+        residual = 4 if quant else torch.tensor([], dtype=weight_dtype).element_size()
+        per_token = text.num_hidden_layers * text.hidden_size * residual + per_token / text.num_hidden_layers
+        layers_held = 1
     activations = ACTIVATION_FACTOR * step_tokens * per_token
     if config._attn_implementation == "eager" or cfg.model.attn_implementation == "eager":
         rows = 1 if packed else min(t.batch_size, len(lengths))
-        activations += 2.0 * rows * text.num_attention_heads * row * row * act_bytes * text.num_hidden_layers
+        activations += 2.0 * rows * text.num_attention_heads * row * row * act_bytes * layers_held
     vocab = model.get_output_embeddings().weight.shape[0]
     logit_positions = step_tokens if not t.trained_logits_only else step_tokens // 2  # ~half are trained, typically
     fused_head = t.fused_kernels and t.trained_logits_only
@@ -289,6 +297,8 @@ def check_fits(cfg: Config, location: str, lengths: list[int], device: torch.dev
 def options_that_fit(cfg: Config, plan_for) -> list[str]:
     """Flags that bring the predicted peak under what is available, cheapest change first."""
     tries = []
+    if not cfg.train.gradient_checkpointing:  # same gradients, only more compute: first
+        tries.append(("--gradient_checkpointing", {"train": {"gradient_checkpointing": True}}))
     if not (cfg.model.load_4bit or cfg.model.load_8bit):
         tries += [("--load_8bit", {"model": {"load_8bit": True}}), ("--load_4bit", {"model": {"load_4bit": True}})]
     batch = cfg.train.batch_size

@@ -77,9 +77,10 @@ class PackedAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad):
         flash_backward = getattr(torch.ops.aten, FLASH_OPS[1])
         lengths, heads, kv_heads, scale, dtype = ctx.meta
-        q, k, v, cos, sin = ctx.saved_tensors[:5]
+        saved = ctx.saved_tensors  # read once: under activation checkpointing each read unpacks (recomputes)
+        q, k, v, cos, sin = saved[:5]
         pieces = len(lengths)
-        outs, lses = ctx.saved_tensors[5:5 + pieces], ctx.saved_tensors[5 + pieces:]
+        outs, lses = saved[5:5 + pieces], saved[5 + pieces:]
         length, dim = grad.shape[0], cos.shape[-1]
         grad = grad.reshape(length, heads, dim).to(q.dtype).transpose(0, 1)  # (heads, T, D)
         grads = [flash_backward(gi[None], qi[None], ki[None], vi[None], out, lse, 0.0, True, scale=scale)

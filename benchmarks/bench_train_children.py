@@ -151,6 +151,7 @@ def child_toolkit(args, out: Path) -> dict:
     t.packing = not args.no_packing
     t.trained_logits_only = not args.no_trained_logits
     t.fused_kernels = not args.no_fused_kernels
+    t.gradient_checkpointing = args.gradient_checkpointing
     cfg.model = model_config(args)
     if args.fp32:
         cfg.model.dtype = "float32"

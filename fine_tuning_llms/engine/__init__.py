@@ -10,11 +10,34 @@ BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 _KERNEL_HUB_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
+# bitsandbytes logs this at every 8-bit matmul whose input is not fp16 (all of them under fp32 or bf16
+# autocast): thousands of lines in a few steps of an 8-bit run. Said once, it keeps its information.
+BITSANDBYTES_MATMUL_LOGGER = "bitsandbytes.autograd._functions"
+_CAST_WARNING = "MatMul8bitLt: inputs will be cast from"
+
+
 class KnownNoiseFilter(logging.Filter):
     """Drops bitsandbytes' missing-hub-kernel warning and nothing else."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(_KERNEL_HUB_WARNING)
+
+
+class OnceFilter(logging.Filter):
+    """Lets bitsandbytes' per-matmul cast warning through once per input dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(_CAST_WARNING):
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
 
 
 def quiet_known_noise() -> None:
@@ -27,6 +50,9 @@ def quiet_known_noise() -> None:
     logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
     if not any(isinstance(f, KnownNoiseFilter) for f in logger.filters):
         logger.addFilter(KnownNoiseFilter())
+    matmul = logging.getLogger(BITSANDBYTES_MATMUL_LOGGER)
+    if not any(isinstance(f, OnceFilter) for f in matmul.filters):
+        matmul.addFilter(OnceFilter())
 
 
 quiet_known_noise()

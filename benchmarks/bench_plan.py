@@ -74,23 +74,26 @@ def largest(limit_gb: float) -> None:
         progress=False).examples]
     print(f"Predicted training memory (MB; the peak RSS may add the weight file's page cache while loading) of "
           f"`--task train` defaults against {limit_gb:g} GB (`--memory_gb {limit_gb:g}`):")
-    print("| model | parameters | " + " | ".join(MODES) + " |")
-    print("|---|---|" + "---|" * len(MODES))
-    fits = {mode: None for mode in MODES}
+    columns = [(mode, checkpointing) for checkpointing in (False, True) for mode in MODES]
+    labels = [f"{mode}{' + checkpointing' if checkpointing else ''}" for mode, checkpointing in columns]
+    print("| model | parameters | " + " | ".join(labels) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    fits = {label: None for label in labels}
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape in LADDER.items():
             folder = Path(tmp) / name
             LlamaConfig(**shape).save_pretrained(folder)
             cells = []
-            for mode in MODES:
+            for (mode, checkpointing), label in zip(columns, labels):
                 cfg = Config()
                 cfg.model.dtype = "float32" if mode == "fp32" else "auto"
                 cfg.model.load_8bit, cfg.model.load_4bit = mode == "8bit", mode == "4bit"
+                cfg.train.gradient_checkpointing = checkpointing
                 plan = plan_training(cfg, str(folder), lengths, torch.device("cpu"), limit_gb,
                                      weights_file=2.0 * params_of(folder))
                 cells.append(f"{plan.training / MB:,.0f}{'' if plan.fits else ' (no)'}")
                 if plan.fits:
-                    fits[mode] = name
+                    fits[label] = name
             print(f"| {name} | {params_of(folder) / 1e9:.2f} B | " + " | ".join(cells) + " |")
     print("Largest that fits: " + ", ".join(f"{mode}: {name or 'none'}" for mode, name in fits.items()))
 

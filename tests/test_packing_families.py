@@ -4,8 +4,9 @@ Tiny random models of each family's own config (Llama, Qwen2/3, Mistral, Gemma 1
 OLMo-2), each with every attention implementation it runs on CPU: (a) packed loss equals
 one-by-one loss on the training and the held-out paths; (b) 4 float32 training steps with the
 defaults (packing, trained-logits-only, fused kernels) give the same per-step and held-out losses
-as the plain way. Also: the fused kernels touch only the Llama modules whose maths they copy, and
-a packing that leaks is caught by the self-check and replaced by padding.
+as the plain way; (c) --gradient_checkpointing gives the same loss and gradients while keeping less.
+Also: the fused kernels touch only the Llama modules whose maths they copy, and a packing that
+leaks is caught by the self-check and replaced by padding.
 """
 import csv
 import json

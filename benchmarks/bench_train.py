@@ -238,7 +238,7 @@ def main() -> None:
                      ("toolkit, --trained_logits_only false", "toolkit", ["--no_trained_logits"]),
                      ("toolkit, --fused_kernels false", "toolkit", ["--no_fused_kernels"]),
                      ("toolkit, --dtype float32 (no bf16 autocast)", "toolkit", ["--fp32"])]
-    if args.gradient_checkpointing and not args._child:
+    if args.gradient_checkpointing:
         variants.append(("toolkit, --gradient_checkpointing", "toolkit", ["--gradient_checkpointing"]))
     if args.only:
         variants = [v for v in variants if v[1] == args.only and not v[2]]

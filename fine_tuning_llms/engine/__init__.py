@@ -41,7 +41,8 @@ class OnceFilter(logging.Filter):
 
 
 def quiet_known_noise() -> None:
-    """Install the filter once on the logger that emits the warning (created early if need be).
+    """Install each filter once on the logger that emits its message (created early if need be):
+    the hub-kernel warning dropped, the per-matmul cast warning said once per dtype.
 
     Also: PEFT 0.21's ``get_peft_model`` reads ``model.is_gradient_checkpointing``, which
     transformers 5.24 marks deprecated, so every LoRA set-up printed a FutureWarning about a call

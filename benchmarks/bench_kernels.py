@@ -1,8 +1,10 @@
 """Microbenchmarks behind two decisions in engine/kernels (tables in benchmarks/RESULTS.md, issue 21):
 
-1. ``--matmuls``: a frozen LoRA weight's plain CPU matmul vs its oneDNN-packed copy, for the forward
-   product ``x @ W.T`` and the input gradient ``g @ W``, at the embedded model's and the Llama-3.2
-   1B/3B shapes. Why training packs only the input-gradient copy (``PackedWeight``).
+1. ``--matmuls``: a frozen LoRA weight's product three ways: torch's matmul, the toolkit's unpacked
+   product (``frozen_matmul``: oneDNN on the weight as it is in fp32, torch's matmul in bf16) and a
+   oneDNN-packed copy, for the forward product ``x @ W.T`` and the input gradient ``g @ W``, at the
+   embedded model's and the Llama-3.2 1B/3B shapes. Why training packs only the input-gradient copy
+   (``PackedWeight``), and why fp32 products skip MKL.
 2. ``--attention``: causal attention forward + backward of one conversation (SmolLM2's 9 query and
    3 key/value heads of 64) with torch's CPU flash kernel in fp32 (what the packed attention node
    runs) and bf16, and a matmul-based attention (scores, mask, softmax, values) in fp32 and bf16.
@@ -50,13 +52,15 @@ def same_product(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def matmuls(rows: list[int], dtype: torch.dtype, calls: int, repeats: int) -> None:
     from fine_tuning_llms.engine.kernels import PackedWeight, weight_packing_available
+    from fine_tuning_llms.engine.kernels.frozen_matmul import frozen_input_grad, frozen_linear
 
     if not weight_packing_available(dtype):
         print(f"this torch build cannot pack {dtype} weights for oneDNN; nothing to compare")
         return
     linear = torch.ops.mkldnn._linear_pointwise
-    print(f"| weight (out x in) | rows | forward plain / packed (ms) | speed-up | input gradient plain / packed (ms) "
-          f"| speed-up |  ({dtype})")
+    print(f"| weight (out x in) | rows | forward torch / unpacked / packed (ms) | packed speed-up | input gradient "
+          f"torch / unpacked / packed (ms) | packed speed-up |  ({dtype}; unpacked = the toolkit's product without "
+          "a packed copy)")
     print("|---|---|---|---|---|---|")
     with torch.no_grad():
         for label, out_features, in_features in SHAPES:
@@ -65,14 +69,19 @@ def matmuls(rows: list[int], dtype: torch.dtype, calls: int, repeats: int) -> No
             backward_copy = PackedWeight(weight)
             for n in rows:
                 x, g = torch.randn(n, in_features, dtype=dtype), torch.randn(n, out_features, dtype=dtype)
-                same_product(linear(x, forward_copy, None, "none", [], ""), F.linear(x, weight))  # same maths timed
-                same_product(backward_copy.backward(g), g @ weight)
+                for product in (linear(x, forward_copy, None, "none", [], ""), frozen_linear(x, weight)):
+                    same_product(product, F.linear(x, weight))  # same maths timed
+                for product in (backward_copy.backward(g), frozen_input_grad(g, weight)):
+                    same_product(product, g @ weight)
                 fwd = (best_ms(lambda x=x, w=weight: F.linear(x, w), calls, repeats),
+                       best_ms(lambda x=x, w=weight: frozen_linear(x, w), calls, repeats),
                        best_ms(lambda x=x, w=forward_copy: linear(x, w, None, "none", [], ""), calls, repeats))
                 bwd = (best_ms(lambda g=g, w=weight: g @ w, calls, repeats),
+                       best_ms(lambda g=g, w=weight: frozen_input_grad(g, w), calls, repeats),
                        best_ms(lambda g=g, w=backward_copy: w.backward(g), calls, repeats))
-                print(f"| {out_features} x {in_features} ({label}) | {n} | {fwd[0]:.2f} / {fwd[1]:.2f} | "
-                      f"{fwd[0] / fwd[1]:.2f}x | {bwd[0]:.2f} / {bwd[1]:.2f} | {bwd[0] / bwd[1]:.2f}x |", flush=True)
+                print(f"| {out_features} x {in_features} ({label}) | {n} | {' / '.join(f'{t:.2f}' for t in fwd)} | "
+                      f"{fwd[1] / fwd[2]:.2f}x | {' / '.join(f'{t:.2f}' for t in bwd)} | {bwd[1] / bwd[2]:.2f}x |",
+                      flush=True)
 
 
 def matmul_attention(q, k, v, scale: float):

@@ -5,7 +5,9 @@ small ops, written as one autograd node with a hand-written backward, one node p
 - ``attention``: causal attention of a packed row's conversations, rotary embedding included (CPU);
 - ``rmsnorm``: Llama's RMSNorm;
 - ``head_loss``: the vocabulary head with the cross-entropy, never holding the whole logits;
-- ``packed_sdpa``: the attention implementation for packed rows that the attention node builds on.
+- ``packed_sdpa``: the attention implementation for packed rows that the attention node builds on;
+- ``frozen_matmul``: the LoRA and head nodes' products with a frozen weight, in fp32 on CPU through
+  oneDNN rather than MKL where a start-up self-check allows it.
 
 Each node computes exactly what PEFT's and transformers' code computes for the modules it takes
 over, which is checked in tests/test_kernels.py against the plain path on the same inputs; it is

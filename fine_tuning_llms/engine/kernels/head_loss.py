@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .frozen_matmul import frozen_input_grad, frozen_linear
 from .guards import untested_versions
 
 
@@ -27,12 +28,12 @@ class HeadCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             target = targets[rows]
-            logits = hidden[rows] @ weight.t()                         # (c, V) in the compute dtype
+            logits = frozen_linear(hidden[rows], weight)               # (c, V) in the compute dtype
             log_probs = torch.log_softmax(logits, dim=-1, dtype=stats)  # cast and all in one pass (logsumexp is several)
             total -= log_probs.gather(1, target[:, None]).sum()
             grad_logits = log_probs.exp_()                            # softmax, in place
             grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
-            torch.mm(grad_logits.to(dtype), weight, out=grad_hidden[rows])
+            grad_hidden[rows] = frozen_input_grad(grad_logits.to(dtype), weight)
         ctx.save_for_backward(grad_hidden)
         return total
 

@@ -21,8 +21,8 @@ and is skipped when it would not fit comfortably in memory or this torch build l
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .frozen_matmul import frozen_input_grad, frozen_linear
 from .guards import missing_ops, private_op
 
 PACKING_OPS = ("_reorder_linear_weight", "_linear_pointwise")  # torch.ops.mkldnn, looked up when used
@@ -38,7 +38,7 @@ class LoraLinearFunction(torch.autograd.Function):
         a = lora_a.to(dtype)
         b = lora_b.to(dtype)
         xa = x @ a.t()                                        # (N, r)
-        y = F.linear(x, weight.to(dtype))                     # (N, out) base
+        y = frozen_linear(x, weight.to(dtype))                # (N, out) base
         y.addmm_(xa, b.t(), alpha=scaling)                    # + s * (x A^T) B^T, in place
         ctx.save_for_backward(x, weight, a, b, xa)
         ctx.scaling = scaling
@@ -59,7 +59,7 @@ class LoraLinearFunction(torch.autograd.Function):
             if ctx.packed is not None:                        # (N, in) through the frozen base
                 grad_x = ctx.packed.backward(grad_y)
             else:
-                grad_x = grad_y @ weight.to(grad_y.dtype)
+                grad_x = frozen_input_grad(grad_y, weight.to(grad_y.dtype))
             grad_x.addmm_(grad_xa, a, alpha=s)                # + s * (grad_y B) A
         return grad_x, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None
 

@@ -154,6 +154,10 @@ def main() -> None:
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="also run the toolkit with --gradient_checkpointing (TRL's SFTConfig checkpoints "
                         "by default)")
+    parser.add_argument("--unpacked", action="store_true",
+                        help="also run the toolkit with --pack_weights false (no packed copy of the frozen "
+                             "weights), and with --gradient_checkpointing both")
+    parser.add_argument("--no_pack_weights", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fp32", action="store_true", help="with --only or the 1B shape: both trainers in float32 "
                                                             "(no bf16 autocast)")
     parser.add_argument("--breakdown", action="store_true",
@@ -240,6 +244,11 @@ def main() -> None:
                      ("toolkit, --dtype float32 (no bf16 autocast)", "toolkit", ["--fp32"])]
     if args.gradient_checkpointing:
         variants.append(("toolkit, --gradient_checkpointing", "toolkit", ["--gradient_checkpointing"]))
+    if args.unpacked:
+        variants.append(("toolkit, --pack_weights false", "toolkit", ["--no_pack_weights"]))
+        if args.gradient_checkpointing:
+            variants.append(("toolkit, --pack_weights false --gradient_checkpointing", "toolkit",
+                             ["--no_pack_weights", "--gradient_checkpointing"]))
     if args.only:
         variants = [v for v in variants if v[1] == args.only and not v[2]]
     if args.breakdown:  # a separate run: the profiler slows the steps it watches
@@ -291,8 +300,8 @@ def main() -> None:
                 if "eval_loss" in ours[0] else "")
     print(f"Speed-up vs TRL: {statistics.median(ratios):.2f}x tokens/s; {held_out}peak RSS "
           f"{ours_rss:.0f} MB vs {trl_rss:.0f} MB")
-    for r in (r for r in rows if r["label"] == "toolkit, --gradient_checkpointing"):
-        print(f"With --gradient_checkpointing (as TRL): {r['tokens_per_s'] / trl[0]['tokens_per_s']:.2f}x tokens/s; "
+    for r in (r for r in rows if r["label"].startswith("toolkit, --")):
+        print(f"With {r['label'][len('toolkit, '):]}: {r['tokens_per_s'] / trl[0]['tokens_per_s']:.2f}x tokens/s; "
               f"peak RSS {r['peak_rss_mb']:.0f} MB vs {trl_rss:.0f} MB")
 
 

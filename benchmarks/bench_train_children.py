@@ -152,6 +152,7 @@ def child_toolkit(args, out: Path) -> dict:
     t.trained_logits_only = not args.no_trained_logits
     t.fused_kernels = not args.no_fused_kernels
     t.gradient_checkpointing = args.gradient_checkpointing
+    t.pack_weights = not args.no_pack_weights
     cfg.model = model_config(args)
     if args.fp32:
         cfg.model.dtype = "float32"

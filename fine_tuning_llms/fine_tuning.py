@@ -214,7 +214,7 @@ def run(cfg: Config) -> dict:
     if fused:
         from .engine.kernels import use_fused_kernels
         log.info("Fused kernels: %d LoRA/attention/RMSNorm layers (and the vocabulary head with the loss) train "
-                 "through one autograd node each", use_fused_kernels(model))
+                 "through one autograd node each", use_fused_kernels(model, pack_weights=cfg.train.pack_weights))
     trainable, total = count_parameters(model)
     log.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     log.info("Resolved settings:\n%s", format_settings(cfg))

@@ -209,6 +209,13 @@ def test_speed_levers_do_not_change_the_losses(tiny_model_dir, train_data, tmp_p
     assert len(fused_calls) == len(micro_batches) + 1 and len(micro_batches) >= 4
     if kernels.weight_packing_available(torch.float32):
         assert len(released) == 1 and released[0] > 0  # packed weight copies were used, and freed after training
+    unpacked = tmp_path / "unpacked"
+    assert main(train_args(tiny_model_dir, train_data, unpacked, *common, "--pack_weights", "false")) == 0
+    assert len(released) == 2 and released[1] == 0  # no packed copy made
+    a, b = losses(fast), losses(unpacked)
+    assert set(a) == set(b) == {1, 2, 3, 4}
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5)
     fused_in_fast_run = len(fused_calls)
     assert main(train_args(tiny_model_dir, train_data, plain, *common, "--packing", "false",
                            "--trained_logits_only", "false", "--fused_kernels", "false")) == 0

@@ -10,6 +10,7 @@ import torch
 
 from fine_tuning_llms.cli import main
 from fine_tuning_llms.engine.config import Config
+from fine_tuning_llms.engine.kernels import weight_packing_available
 from fine_tuning_llms.engine.memory_plan import (
     MB,
     activation_bytes_per_token,
@@ -124,10 +125,30 @@ def test_options_that_fit_are_real_options(tiny_model_dir, write_jsonl, sample_c
     plan = plan_training(cfg, str(tiny_model_dir), lengths, device, limit)
     assert not plan.fits
     fits = options_that_fit(cfg, lambda trial: plan_training(trial, str(tiny_model_dir), lengths, device, limit))
-    assert fits and all(f.startswith(("--gradient_checkpointing", "--batch_size", "--max_length", "--load_"))
-                        for f in fits)
-    assert fits[0].startswith("--gradient_checkpointing")  # same gradients: named first
+    assert fits and all(f.startswith(("--pack_weights false", "--gradient_checkpointing", "--batch_size",
+                                      "--max_length", "--load_")) for f in fits)
+    assert fits[0].startswith(("--pack_weights false", "--gradient_checkpointing"))  # same gradients: named first
     assert any(f.startswith("--batch_size 32 --grad_accum 2") for f in fits)  # same effective batch
+
+
+@pytest.mark.skipif(not weight_packing_available(torch.float32), reason="this torch build cannot pack weights")
+def test_pack_weights_false_leaves_the_packed_copy_out_and_is_named_first(tiny_model_dir):
+    from fine_tuning_llms.engine.memory_plan import options_that_fit, plan_training
+
+    cfg = Config()
+    cfg.model.dtype = "float32"
+    lengths, device = [200] * 32, torch.device("cpu")
+    packed = plan_training(cfg, str(tiny_model_dir), lengths, device)
+    unpacked_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pack_weights=False))
+    unpacked = plan_training(unpacked_cfg, str(tiny_model_dir), lengths, device)
+    copies = packed.parts["packed weights"]
+    assert copies > 0 and unpacked.parts["packed weights"] == 0
+    assert packed.training - unpacked.training == pytest.approx(copies)
+    # a limit that only dropping the copy meets (the quarter rule still lets the copy be planned)
+    limit = (packed.training - copies / 2) / 1024 ** 3
+    assert not plan_training(cfg, str(tiny_model_dir), lengths, device, limit).fits
+    fits = options_that_fit(cfg, lambda trial: plan_training(trial, str(tiny_model_dir), lengths, device, limit))
+    assert fits[0].startswith("--pack_weights false")
 
 
 def test_plan_task_predicts_and_times_a_trial_run(tiny_model_dir, write_jsonl, sample_conversations, tmp_path):

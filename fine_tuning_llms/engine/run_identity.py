@@ -25,7 +25,8 @@ SHAPING = {
 }
 # May change on resume (listed in README): how long and how often, not what is learned.
 RESUMABLE = ("max_steps", "epochs (upwards)", "save_steps", "logging_steps", "eval_answers", "merge",
-             "trained_logits_only", "fused_kernels", "gradient_checkpointing", "attn_implementation")
+             "trained_logits_only", "fused_kernels", "pack_weights", "gradient_checkpointing",
+             "attn_implementation")
 FINGERPRINT_BYTES = 1 << 20  # per weight file: its name, size and first MiB (header + first tensors)
 
 

@@ -301,7 +301,7 @@ def check_fits(cfg: Config, location: str, lengths: list[int], device: torch.dev
 def options_that_fit(cfg: Config, plan_for) -> list[str]:
     """Flags that bring the predicted peak under what is available, cheapest change first."""
     tries = []
-    if cfg.train.pack_weights and cfg.train.fused_kernels:  # same maths, ~10% slower: the cheapest change
+    if cfg.train.pack_weights and cfg.train.fused_kernels:  # same maths, a few % slower: the cheapest change
         tries.append(("--pack_weights false", {"train": {"pack_weights": False}}))
     if not cfg.train.gradient_checkpointing:  # same gradients, one more forward a step
         tries.append(("--gradient_checkpointing", {"train": {"gradient_checkpointing": True}}))

@@ -135,7 +135,7 @@ def weight_bytes(model, *, dtype: torch.dtype, load_8bit: bool, load_4bit: bool)
     quantised = set()
     if load_8bit or load_4bit:
         quantised = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head}
-    size = 4 if quantised else torch.tensor([], dtype=dtype).element_size()
+    size = 4 if quantised else dtype.itemsize
     total, seen = 0.0, set()
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -228,7 +228,7 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
 
         check = sum(len(e["input_ids"]) for e in check_examples([{"input_ids": range(n)} for n in lengths]))
         step_tokens = row = max(step_tokens, check)
-    act_bytes = torch.tensor([], dtype=autocast or weight_dtype).element_size()
+    act_bytes = (autocast or weight_dtype).itemsize
     # k-bit: PEFT's preparation casts the embeddings and norms to fp32, so the residual stream is fp32
     # (keeping them bf16 saved memory but trained ~1% worse, benchmarks/RESULTS.md), and under
     # autocast PEFT's LoRA layers (not the fused kernel) keep a bf16 copy of every input they get.
@@ -239,7 +239,7 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     if t.gradient_checkpointing:
         # each layer keeps only its input (the residual stream: fp32 under k-bit preparation) and
         # the backward recomputes one layer's activations at a time
-        residual = 4 if quant else torch.tensor([], dtype=weight_dtype).element_size()
+        residual = 4 if quant else weight_dtype.itemsize
         per_token = text.num_hidden_layers * text.hidden_size * residual + per_token / text.num_hidden_layers
         layers_held = 1
     activations = ACTIVATION_FACTOR * step_tokens * per_token

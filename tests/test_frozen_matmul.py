@@ -45,7 +45,11 @@ def test_fp32_products_go_through_onednn_and_equal_fp64_to_fp32_rounding(monkeyp
     checked = len(calls)
     torch.testing.assert_close(frozen_linear(x, weight), reference(x, weight.t()), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(frozen_input_grad(grad, weight), reference(grad, weight), rtol=1e-5, atol=1e-5)
-    assert len(calls) == checked + 2
+    out = torch.empty(40, 64)
+    written = frozen_input_grad(grad, weight, out=out[:37])
+    assert written.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out[:37], reference(grad, weight), rtol=1e-5, atol=1e-5)
+    assert len(calls) == checked + 3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
@@ -54,6 +58,8 @@ def test_other_dtypes_keep_torchs_own_matmul(monkeypatch, dtype):
     x, weight, grad = torch.randn(5, 8, dtype=dtype), torch.randn(6, 8, dtype=dtype), torch.randn(5, 6, dtype=dtype)
     assert torch.equal(frozen_linear(x, weight), F.linear(x, weight))
     assert torch.equal(frozen_input_grad(grad, weight), grad @ weight)
+    out = torch.empty(5, 8, dtype=dtype)
+    assert frozen_input_grad(grad, weight, out=out) is out and torch.equal(out, grad @ weight)
     assert calls == []
 
 

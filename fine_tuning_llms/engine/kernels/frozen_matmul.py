@@ -77,9 +77,11 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return op(x.contiguous(), weight.contiguous(), None, "none", [], "")
 
 
-def frozen_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``grad @ weight``: grad (N, out), weight (out, in); the input gradient of ``frozen_linear``."""
+def frozen_input_grad(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad @ weight``: grad (N, out), weight (out, in); the input gradient of ``frozen_linear``.
+    With ``out``, written there (torch's matmul writes in place; oneDNN's result is copied in)."""
     op = _onednn_op(grad, weight)
     if op is None:
-        return grad @ weight
-    return op(grad.contiguous(), weight.contiguous().t(), None, "none", [], "")
+        return torch.mm(grad, weight, out=out) if out is not None else grad @ weight
+    product = op(grad.contiguous(), weight.contiguous().t(), None, "none", [], "")
+    return out.copy_(product) if out is not None else product

@@ -33,7 +33,7 @@ class HeadCrossEntropyFunction(torch.autograd.Function):
             total -= log_probs.gather(1, target[:, None]).sum()
             grad_logits = log_probs.exp_()                            # softmax, in place
             grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
-            grad_hidden[rows] = frozen_input_grad(grad_logits.to(dtype), weight)
+            frozen_input_grad(grad_logits.to(dtype), weight, out=grad_hidden[rows])
         ctx.save_for_backward(grad_hidden)
         return total
 

@@ -2,7 +2,7 @@
 
 torch computes an fp32 CPU matmul with MKL's sgemm. The same product through oneDNN's linear
 (``torch.ops.mkldnn._linear_pointwise`` on the weight as it is, reordered inside each call, no
-extra copy) ran 1.2-1.5x faster at the embedded model's and Llama-3.2's shapes on this machine
+extra copy) ran 1.16-1.57x faster at the embedded model's and Llama-3.2's shapes on this machine
 (benchmarks/RESULTS.md). Both are fp32 products accumulated in fp32; only the kernel and so the
 order of the additions differ. bf16 products already go through oneDNN and are left alone.
 

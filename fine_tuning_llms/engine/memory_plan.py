@@ -231,7 +231,8 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     act_bytes = (autocast or weight_dtype).itemsize
     # k-bit: PEFT's preparation casts the embeddings and norms to fp32, so the residual stream is fp32
     # (keeping them bf16 saved memory but trained ~1% worse, benchmarks/RESULTS.md), and under
-    # autocast PEFT's LoRA layers (not the fused kernel) keep a bf16 copy of every input they get.
+    # autocast each LoRA layer keeps a bf16 copy of its fp32 input (PEFT's 4-bit layers and the
+    # 8-bit node alike; PEFT's 8-bit layers without the node also keep the fp32 input itself).
     per_token = activation_bytes_per_token(config, 4 if quant else act_bytes)
     if quant and autocast is not None:
         per_token += act_bytes * sum(m.in_features for _, m in targets)

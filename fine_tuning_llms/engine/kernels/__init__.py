@@ -2,6 +2,7 @@
 small ops, written as one autograd node with a hand-written backward, one node per module:
 
 - ``lora_linear``: a plain LoRA linear layer (and its frozen CPU weights packed once for oneDNN);
+- ``int8_lora``: a LoRA layer over a bitsandbytes 8-bit layer (``--load_8bit``), on CPU;
 - ``attention``: causal attention of a packed row's conversations, rotary embedding included (CPU);
 - ``rmsnorm``: Llama's RMSNorm;
 - ``head_loss``: the vocabulary head with the cross-entropy, never holding the whole logits;
@@ -31,6 +32,7 @@ import torch
 from .attention import PackedAttentionFunction, attention_forward, flash_ops_missing
 from .guards import TESTED_VERSIONS, fused_paths_refused, missing_ops
 from .head_loss import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
+from .int8_lora import BITSANDBYTES_TESTED, Int8LoraLinearFunction, bitsandbytes_tested, int8_adapter, int8_lora_forward
 from .lora_linear import (
     PACKING_OPS,
     LoraLinearFunction,
@@ -46,6 +48,7 @@ from .rmsnorm import RMSNormFunction, rmsnorm_forward
 __all__ = [
     "TESTED_VERSIONS",
     "HeadCrossEntropyFunction",
+    "Int8LoraLinearFunction",
     "LoraLinearFunction",
     "PackedAttentionFunction",
     "PackedWeight",
@@ -123,7 +126,7 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
     if flash_missing and any(type(m) is LlamaAttention for m in modules):
         log.info("Packed attention node off: this torch build lacks %s; attention keeps transformers' code",
                  ", ".join(flash_missing))
-    patched, lora_layers = 0, []
+    patched, lora_layers, int8_refused = 0, [], False
     for module in modules:
         if type(module) is LlamaAttention:  # takes its path only for packed rows (packing on)
             if not flash_missing:
@@ -134,6 +137,14 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
             module.forward = types.MethodType(rmsnorm_forward, module)
             patched += 1
             continue
+        int8_name = int8_adapter(module)
+        if int8_name is not None:
+            int8_refused = not bitsandbytes_tested()  # an untested release keeps PEFT's and bitsandbytes' code
+            if not int8_refused:
+                module._lora_kernel_adapter = int8_name
+                module.forward = types.MethodType(int8_lora_forward, module)
+                patched += 1
+            continue
         name = plain_adapter(module)
         if name is None:
             continue
@@ -141,6 +152,11 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
         module.forward = types.MethodType(lora_linear_forward, module)
         lora_layers.append(module)
         patched += 1
+    if int8_refused:
+        import bitsandbytes
+
+        log.info("8-bit LoRA node off: it is tested with bitsandbytes %s.x-%s.x, this environment has %s; 8-bit "
+                 "layers keep PEFT's and bitsandbytes' code", *BITSANDBYTES_TESTED, bitsandbytes.__version__)
     pack = pack_weights and _weight_packing_fits(lora_layers)
     for module in lora_layers:
         module._lora_kernel_pack = pack

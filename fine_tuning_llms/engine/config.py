@@ -101,9 +101,9 @@ class TrainConfig:
                        "--packing false always pads.")
     trained_logits_only: bool = _f(True, "Compute the vocabulary projection only where a token is trained "
                                    "(faster, same loss). --trained_logits_only false computes all logits.")
-    fused_kernels: bool = _f(True, "While training, run each plain LoRA layer, packed attention (CPU), RMSNorm, "
-                             "and the vocabulary head with the loss as one autograd node each (same maths and "
-                             "parameters, fewer ops, no full logits). "
+    fused_kernels: bool = _f(True, "While training, run each plain LoRA layer (8-bit ones too, CPU), packed "
+                             "attention (CPU), RMSNorm and the vocabulary head with the loss as one autograd "
+                             "node each (same maths and parameters, fewer ops, no full logits). "
                              "--fused_kernels false uses PEFT's and transformers' own forward.")
     pack_weights: bool = _f(True, "With the fused kernels on CPU, keep a copy of the frozen LoRA base weights "
                             "reordered for oneDNN while training (the input gradient's matmul then skips a "

@@ -155,3 +155,20 @@ def test_node_keeps_the_input_once():
         Int8LoraLinearFunction.apply(x, cb, scb, a, b, 1.0, torch.bfloat16)
     activations = [t for t in kept if t.shape[0] == 16 and t.shape[-1] == 8]
     assert [t.dtype for t in activations] == [torch.bfloat16]
+
+
+def test_dequantisation_buffers_are_reused_and_results_do_not_alias_them():
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    a, b = torch.randn(2, 8), torch.randn(6, 2)
+    scb = torch.rand(6) + 0.5
+    first_cb, second_cb = (torch.randint(-127, 128, (6, 8), dtype=torch.int8) for _ in range(2))
+    int8_lora.release_dequantize_buffers()  # what earlier tests left
+    first = Int8LoraLinearFunction.apply(x, first_cb, scb, a, b, 1.0, torch.bfloat16)
+    kept = first.clone()
+    pointers = {dtype: buf.data_ptr() for dtype, buf in int8_lora._buffers.items()}
+    assert set(pointers) == {torch.float32, torch.bfloat16}
+    second = Int8LoraLinearFunction.apply(x, second_cb, scb, a, b, 1.0, torch.bfloat16)
+    assert {dtype: buf.data_ptr() for dtype, buf in int8_lora._buffers.items()} == pointers  # no new memory
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+    assert int8_lora.release_dequantize_buffers() == 6 * 8 * (4 + 2) and int8_lora._buffers == {}

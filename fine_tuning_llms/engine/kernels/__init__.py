@@ -32,7 +32,14 @@ import torch
 from .attention import PackedAttentionFunction, attention_forward, flash_ops_missing
 from .guards import TESTED_VERSIONS, fused_paths_refused, missing_ops
 from .head_loss import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
-from .int8_lora import BITSANDBYTES_TESTED, Int8LoraLinearFunction, bitsandbytes_tested, int8_adapter, int8_lora_forward
+from .int8_lora import (
+    BITSANDBYTES_TESTED,
+    Int8LoraLinearFunction,
+    bitsandbytes_tested,
+    int8_adapter,
+    int8_lora_forward,
+    release_dequantize_buffers,
+)
 from .lora_linear import (
     PACKING_OPS,
     LoraLinearFunction,
@@ -66,8 +73,8 @@ log = logging.getLogger(__name__)
 
 
 def release_packed_weights(model: torch.nn.Module) -> int:
-    """Free the packed weight copies made while training; returns the bytes released."""
-    freed = 0
+    """Free the packed weight copies (and the 8-bit node's buffers) made while training; returns the bytes released."""
+    freed = release_dequantize_buffers()
     for module in model.modules():
         packed = module.__dict__.pop("_lora_kernel_packed", None)
         if packed is not None:

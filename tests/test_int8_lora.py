@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from fine_tuning_llms.engine.kernels import Int8LoraLinearFunction, int8_lora, use_fused_kernels
+from fine_tuning_llms.engine.kernels import Int8LoraLinearFunction, guards, int8_lora, use_fused_kernels
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -140,7 +140,7 @@ def test_untested_bitsandbytes_routes_no_8bit_layer(tiny_model_dir, monkeypatch,
 
 
 def test_tested_release_is_the_installed_one():
-    assert int8_lora.bitsandbytes_tested(), f"bitsandbytes {bnb.__version__}: run these tests, then widen the range"
+    assert guards.bitsandbytes_tested(), f"bitsandbytes {bnb.__version__}: run these tests, then widen the range"
 
 
 def test_node_keeps_the_input_once():

@@ -229,6 +229,12 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
         check = sum(len(e["input_ids"]) for e in check_examples([{"input_ids": range(n)} for n in lengths]))
         step_tokens = row = max(step_tokens, check)
     act_bytes = (autocast or weight_dtype).itemsize
+    buffers = 0.0
+    if cfg.model.load_8bit and t.fused_kernels and on_cpu:
+        from .kernels.guards import bitsandbytes_tested
+
+        if bitsandbytes_tested():  # the 8-bit node's reused buffers: the largest weight in fp32 and cast
+            buffers = float(max((m.weight.numel() for _, m in targets), default=0) * (4 + act_bytes))
     # k-bit: PEFT's preparation casts the embeddings and norms to fp32, so the residual stream is fp32
     # (keeping them bf16 saved memory but trained ~1% worse, benchmarks/RESULTS.md), and under
     # autocast each LoRA layer keeps a bf16 copy of its fp32 input (PEFT's 4-bit layers and the
@@ -252,10 +258,10 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     fused_head = t.fused_kernels and t.trained_logits_only
     head = min(HEAD_CHUNK_BYTES, 3.0 * 4 * logit_positions * vocab) if fused_head else 3.0 * 4 * logit_positions * vocab
     parts = {"process": process, "weights": weights, "LoRA + AdamW": trainable, "packed weights": packed_copies,
-             "activations": activations, "head logits": head}
+             "8-bit buffers": buffers, "activations": activations, "head logits": head}
     pages = (file_bytes(location) if weights_file is None else weights_file) if on_cpu else 0.0  # GPU: no page cache
     loading = process + weights + LOAD_SLACK * pages
-    training = process + weights + trainable + packed_copies + activations + head
+    training = process + weights + trainable + packed_copies + buffers + activations + head
     notes = [] if on_cpu else [f"GPU memory of {device}; host memory is not planned"]
     if quant and t.gradient_checkpointing and on_cpu:
         # measured, not modelled: the allocator keeps memory between the recomputed k-bit layers

@@ -30,16 +30,9 @@ from pathlib import Path
 import torch
 
 from .attention import PackedAttentionFunction, attention_forward, flash_ops_missing
-from .guards import TESTED_VERSIONS, fused_paths_refused, missing_ops
+from .guards import BITSANDBYTES_TESTED, TESTED_VERSIONS, bitsandbytes_tested, fused_paths_refused, missing_ops
 from .head_loss import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
-from .int8_lora import (
-    BITSANDBYTES_TESTED,
-    Int8LoraLinearFunction,
-    bitsandbytes_tested,
-    int8_adapter,
-    int8_lora_forward,
-    release_dequantize_buffers,
-)
+from .int8_lora import Int8LoraLinearFunction, int8_adapter, int8_lora_forward, release_dequantize_buffers
 from .lora_linear import (
     PACKING_OPS,
     LoraLinearFunction,

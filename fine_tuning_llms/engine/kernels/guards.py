@@ -26,6 +26,10 @@ import torch
 # those tests pass on the new release; pyproject.toml's dependency ranges say the same.
 TESTED_VERSIONS = {"transformers": ("5.24", "5.24"), "peft": ("0.21", "0.21")}
 
+# The bitsandbytes releases whose CPU training product (MatMul8bitFp) the 8-bit LoRA node reproduces
+# (tests/test_int8_lora.py). Only that node depends on it: outside it, 8-bit layers keep PEFT's code.
+BITSANDBYTES_TESTED = ("0.50", "0.50")
+
 # LlamaAttention.forward as the attention node calls it: these arguments, positionally, in this order.
 ATTENTION_PARAMETERS = ("self", "hidden_states", "position_embeddings", "attention_mask", "cache", "kwargs")
 
@@ -41,6 +45,16 @@ def installed_versions() -> dict[str, str]:
 def _series(version: str) -> tuple[int, int] | None:
     match = re.match(r"(\d+)\.(\d+)", version)
     return (int(match[1]), int(match[2])) if match else None
+
+
+def bitsandbytes_tested() -> bool:
+    """Whether the installed bitsandbytes is in ``BITSANDBYTES_TESTED``."""
+    try:
+        import bitsandbytes
+    except Exception:  # noqa: BLE001 - an unusable bitsandbytes means there are no 8-bit layers to route
+        return False
+    series, (oldest, newest) = _series(bitsandbytes.__version__), (_series(v) for v in BITSANDBYTES_TESTED)
+    return series is not None and oldest <= series <= newest
 
 
 def _tested_range(name: str) -> str:

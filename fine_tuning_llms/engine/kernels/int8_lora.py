@@ -19,21 +19,14 @@ on; elsewhere (CUDA's int8 matmul with outliers, eval, generation) their own cod
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
 from .frozen_matmul import frozen_input_grad, frozen_linear
 
-# bitsandbytes releases whose CPU training product (MatMul8bitFp) this node reproduces
-# (tests/test_kernels.py), inclusive major.minor series; widen only after those tests pass.
-BITSANDBYTES_TESTED = ("0.50", "0.50")
-
-
 # Dequantised weights are written into buffers kept between calls, one per dtype, grown to the
 # largest weight. A new tensor the size of a weight is fresh memory from the system at every call,
 # and its page faults cost more than the arithmetic: dequantising an 8192 x 2048 weight took 47 ms
-# into new tensors, ~4x less into reused ones (benchmarks/RESULTS.md). Training is one thread of
+# into new tensors, 8 ms into reused ones (benchmarks/RESULTS.md). Training is one thread of
 # Python and each buffer is used only inside one forward or one backward, so reuse is safe.
 _buffers: dict[torch.dtype, torch.Tensor] = {}
 
@@ -94,17 +87,6 @@ class Int8LoraLinearFunction(torch.autograd.Function):
             grad_x = frozen_input_grad(grad_y.to(dtype), _dequantize(cb, scb, dtype))
             grad_x.add_(grad_xa @ a, alpha=s)  # the LoRA branch's, in the compute dtype as autocast's
         return (grad_x, None, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None)
-
-
-def bitsandbytes_tested() -> bool:
-    """Whether the installed bitsandbytes is a release this node is tested with."""
-    try:
-        import bitsandbytes
-    except Exception:  # noqa: BLE001 - an unusable bitsandbytes means no 8-bit layers to route
-        return False
-    match = re.match(r"(\d+)\.(\d+)", bitsandbytes.__version__)
-    oldest, newest = (tuple(int(p) for p in v.split(".")) for v in BITSANDBYTES_TESTED)
-    return match is not None and oldest <= (int(match[1]), int(match[2])) <= newest
 
 
 def int8_adapter(module) -> str | None:

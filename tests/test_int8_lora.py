@@ -3,7 +3,8 @@ import logging
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import prepare_model_for_kbit_training
+from tiny import count_applies, run_without_gradients, with_test_lora
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from fine_tuning_llms.engine.kernels import Int8LoraLinearFunction, guards, int8_lora, use_fused_kernels
@@ -36,13 +37,7 @@ def int8_lora_model(model_dir, **lora):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
                                                  device_map={"": "cpu"}, dtype=torch.float32)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    settings = dict(r=4, lora_alpha=12, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    model = get_peft_model(model, LoraConfig(**{**settings, **lora}))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero; give it values so every gradient path is exercised
-            torch.nn.init.normal_(p, std=0.1)
-    return model
+    return with_test_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), **lora)
 
 
 def loss_and_grads(model, ids, autocast: bool):
@@ -55,13 +50,6 @@ def loss_and_grads(model, ids, autocast: bool):
     return loss.detach(), grads
 
 
-def count_applies(monkeypatch) -> list:
-    calls = []
-    original = Int8LoraLinearFunction.apply
-    monkeypatch.setattr(Int8LoraLinearFunction, "apply", lambda *a: calls.append(1) or original(*a))
-    return calls
-
-
 def int8_layers(model) -> int:
     return sum(type(m) is bnb.nn.Linear8bitLt for m in model.modules())
 
@@ -72,7 +60,7 @@ def test_fp32_training_step_equals_peft_over_bitsandbytes(tiny_model_dir, monkey
     model = int8_lora_model(tiny_model_dir)
     peft_loss, peft_grads = loss_and_grads(model, ids, autocast=False)
     layers = model.config.num_hidden_layers
-    calls = count_applies(monkeypatch)
+    calls = count_applies(monkeypatch, Int8LoraLinearFunction)
     assert use_fused_kernels(model) == 7 * layers + layers + 2 * layers + 1  # 8-bit LoRA linears, attention, norms
     node_loss, node_grads = loss_and_grads(model, ids, autocast=False)
     assert len(calls) == 7 * layers == int8_layers(model)
@@ -96,7 +84,7 @@ def test_bf16_autocast_training_step_is_as_close_to_fp32_as_peft(tiny_model_dir,
     model = int8_lora_model(tiny_model_dir)
     fp32_loss, fp32_grads = loss_and_grads(model, ids, autocast=False)
     peft_loss, peft_grads = loss_and_grads(model, ids, autocast=True)
-    calls = count_applies(monkeypatch)
+    calls = count_applies(monkeypatch, Int8LoraLinearFunction)
     use_fused_kernels(model)
     node_loss, node_grads = loss_and_grads(model, ids, autocast=True)
     assert len(calls) == int8_layers(model)
@@ -108,17 +96,10 @@ def test_bf16_autocast_training_step_is_as_close_to_fp32_as_peft(tiny_model_dir,
 
 
 def test_node_only_while_training_with_gradients(tiny_model_dir, monkeypatch):
-    calls = count_applies(monkeypatch)
+    calls = count_applies(monkeypatch, Int8LoraLinearFunction)
     model = int8_lora_model(tiny_model_dir)
     use_fused_kernels(model)
-    ids = torch.randint(0, 300, (1, 9))
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=ids)
-        model.generate(ids, max_new_tokens=2, do_sample=False)
-    model.train()
-    with torch.no_grad():
-        model(input_ids=ids)
+    run_without_gradients(model, torch.randint(0, 300, (1, 9)))
     assert calls == []
 
 

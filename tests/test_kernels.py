@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from tiny import count_applies, run_without_gradients, with_test_lora
 from transformers import AutoModelForCausalLM
 
 from fine_tuning_llms.engine import kernels
@@ -57,21 +57,7 @@ def test_rmsnorm_forward_equals_transformers():
 
 def lora_model(model_dir, **lora):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    settings = dict(r=4, lora_alpha=12, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    model = get_peft_model(model, LoraConfig(**{**settings, **lora}))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero; give it values so every gradient path is exercised
-            torch.nn.init.normal_(p, std=0.1)
-    return model
-
-
-def count_applies(monkeypatch, function) -> list:
-    """A list that gets an item each time ``function`` (an autograd.Function) is applied."""
-    calls = []
-    original = function.apply
-    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or original(*a))
-    return calls
+    return with_test_lora(AutoModelForCausalLM.from_pretrained(model_dir), **lora)
 
 
 def assert_same_loss_and_grads(result, expected):
@@ -109,12 +95,8 @@ def test_kernel_runs_only_while_training_with_gradients(tiny_model_dir, monkeypa
     model = lora_model(tiny_model_dir)
     use_fused_kernels(model)
     ids = torch.randint(0, 300, (1, 9))
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=ids)
-        model.generate(ids, max_new_tokens=2, do_sample=False)
+    run_without_gradients(model, ids)
     assert calls == []
-    model.train()
     with model.disable_adapter():  # adapters off: the base model alone, through PEFT's own path
         without_adapter = model(input_ids=ids).logits
     assert calls == []

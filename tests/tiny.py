@@ -361,3 +361,38 @@ def save_base_checkpoint(folder: Path, *, tokenizer_family: str, model_family: s
     tok.save_pretrained(folder)
     assert not (folder / "chat_template.jinja").exists()
     return folder
+
+
+def count_applies(monkeypatch, function) -> list:
+    """A list that gets an item each time ``function`` (an autograd.Function) is applied."""
+    calls = []
+    original = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def run_without_gradients(model, ids) -> None:
+    """Eval forward, generation, and a training-mode forward without gradients: no fused node may run."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids)
+
+
+def with_test_lora(model, **lora):
+    """``model`` with a small all-linear LoRA whose B matrices are not zero (PEFT starts them at zero),
+    so that every gradient path of a LoRA layer is exercised."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    settings = dict(r=4, lora_alpha=12, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, LoraConfig(**{**settings, **lora}))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .frozen_matmul import frozen_input_grad, frozen_linear
+from .lora_linear import lora_branch_grads
 
 # Dequantised weights are written into buffers kept between calls, one per dtype, grown to the
 # largest weight. A new tensor the size of a weight is fresh memory from the system at every call,
@@ -78,9 +79,7 @@ class Int8LoraLinearFunction(torch.autograd.Function):
         xc, cb, scb, a, b, xa = ctx.saved_tensors
         s = ctx.scaling
         grad_y = grad_y.contiguous()
-        grad_xa = grad_y @ b                                               # (N, r)
-        grad_a = (grad_xa.t() @ xc).mul_(s)                                # (r, in)
-        grad_b = (grad_y.t() @ xa).mul_(s)                                 # (out, r)
+        grad_xa, grad_a, grad_b = lora_branch_grads(grad_y, xc, b, xa, s)
         grad_x = None
         if ctx.needs_input_grad[0]:
             dtype = ctx.input_dtype  # bitsandbytes computes the base's input gradient in the input's dtype

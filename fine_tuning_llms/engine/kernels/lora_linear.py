@@ -51,9 +51,7 @@ class LoraLinearFunction(torch.autograd.Function):
         x, weight, a, b, xa = ctx.saved_tensors
         s = ctx.scaling
         grad_y = grad_y.contiguous()
-        grad_xa = grad_y @ b                                  # (N, r)
-        grad_a = (grad_xa.t() @ x).mul_(s)                    # (r, in)
-        grad_b = (grad_y.t() @ xa).mul_(s)                    # (out, r)
+        grad_xa, grad_a, grad_b = lora_branch_grads(grad_y, x, b, xa, s)
         grad_x = None
         if ctx.needs_input_grad[0]:
             if ctx.packed is not None:                        # (N, in) through the frozen base
@@ -62,6 +60,13 @@ class LoraLinearFunction(torch.autograd.Function):
                 grad_x = frozen_input_grad(grad_y, weight.to(grad_y.dtype))
             grad_x.addmm_(grad_xa, a, alpha=s)                # + s * (grad_y B) A
         return grad_x, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None
+
+
+def lora_branch_grads(grad_y, x, b, xa, scaling: float):
+    """The LoRA branch s * (x A^T) B^T's backward: (grad of x A^T (N, r), grad of A (r, in), grad of B (out, r)),
+    from the output gradient grad_y (N, out), the input x (N, in), B (out, r) and x A^T (N, r)."""
+    grad_xa = grad_y @ b
+    return grad_xa, (grad_xa.t() @ x).mul_(scaling), (grad_y.t() @ xa).mul_(scaling)
 
 
 class PackedWeight:

@@ -143,7 +143,7 @@ def plain_adapter(module) -> str | None:
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
-        return None  # 8/4-bit base layers and other layer kinds keep PEFT's code
+        return None  # 8-bit layers take int8_lora.py; 4-bit and other layer kinds keep PEFT's code
     if module.base_layer.bias is not None or len(module.active_adapters) != 1:
         return None
     name = module.active_adapters[0]

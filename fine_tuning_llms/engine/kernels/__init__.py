@@ -126,7 +126,7 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
     if flash_missing and any(type(m) is LlamaAttention for m in modules):
         log.info("Packed attention node off: this torch build lacks %s; attention keeps transformers' code",
                  ", ".join(flash_missing))
-    patched, lora_layers, int8_refused = 0, [], False
+    patched, lora_layers, int8_tested = 0, [], None
     for module in modules:
         if type(module) is LlamaAttention:  # takes its path only for packed rows (packing on)
             if not flash_missing:
@@ -139,8 +139,9 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
             continue
         int8_name = int8_adapter(module)
         if int8_name is not None:
-            int8_refused = not bitsandbytes_tested()  # an untested release keeps PEFT's and bitsandbytes' code
-            if not int8_refused:
+            if int8_tested is None:  # an untested release keeps PEFT's and bitsandbytes' code
+                int8_tested = bitsandbytes_tested()
+            if int8_tested:
                 module._lora_kernel_adapter = int8_name
                 module.forward = types.MethodType(int8_lora_forward, module)
                 patched += 1
@@ -152,7 +153,7 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
         module.forward = types.MethodType(lora_linear_forward, module)
         lora_layers.append(module)
         patched += 1
-    if int8_refused:
+    if int8_tested is False:
         import bitsandbytes
 
         log.info("8-bit LoRA node off: it is tested with bitsandbytes %s.x-%s.x, this environment has %s; 8-bit "

@@ -19,10 +19,12 @@ on; elsewhere (CUDA's int8 matmul with outliers, eval, generation) their own cod
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .frozen_matmul import frozen_input_grad, frozen_linear
-from .lora_linear import lora_branch_grads
+from .lora_linear import lora_branch_grads, node_may_run, one_plain_adapter
 
 # Dequantised weights are written into buffers kept between calls, one per dtype, grown to the
 # largest weight. A new tensor the size of a weight is fresh memory from the system at every call,
@@ -97,21 +99,17 @@ def int8_adapter(module) -> str | None:
     import bitsandbytes as bnb
 
     base = module.base_layer
-    if type(base) is not bnb.nn.Linear8bitLt or base.bias is not None or base.state.has_fp16_weights:
+    if type(base) is not bnb.nn.Linear8bitLt or base.state.has_fp16_weights:
         return None
-    if len(module.active_adapters) != 1:
-        return None
-    name = module.active_adapters[0]
-    if (name not in module.lora_A or name in getattr(module, "lora_variant", {})
-            or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
-        return None
-    return name
+    return one_plain_adapter(module)
 
 
+@functools.cache
 def _peft_int8_class():
+    """PEFT's 8-bit LoRA layer class, or None where PEFT has none (no usable bitsandbytes): looked up once."""
     try:
         from peft.tuners.lora.bnb import Linear8bitLt
-    except ImportError:  # PEFT without bitsandbytes support
+    except ImportError:
         return None
     return Linear8bitLt
 
@@ -126,8 +124,7 @@ def _int8_state(base):
 def int8_lora_forward(self, x, *args, **kwargs):
     """PEFT Linear8bitLt.forward, except in training with gradients on CPU, where the node runs."""
     name = self._lora_kernel_adapter
-    if (args or kwargs or not (self.training and torch.is_grad_enabled()) or self.disable_adapters or self.merged
-            or list(self.active_adapters) != [name] or x.device.type != "cpu"):
+    if not node_may_run(self, args, kwargs) or x.device.type != "cpu":
         return type(self).forward(self, x, *args, **kwargs)
     if torch.is_autocast_enabled("cpu"):
         compute = torch.get_autocast_dtype("cpu")
@@ -139,7 +136,6 @@ def int8_lora_forward(self, x, *args, **kwargs):
     cb, scb = _int8_state(base)
     if cb is None or scb is None:
         return type(self).forward(self, x, *args, **kwargs)
-    base.state.is_training = True
     with torch.autocast("cpu", enabled=False):
         y = Int8LoraLinearFunction.apply(x.reshape(-1, x.shape[-1]), cb, scb, self.lora_A[name].weight,
                                          self.lora_B[name].weight, float(self.scaling[name]), compute)

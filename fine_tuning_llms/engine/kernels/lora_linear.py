@@ -144,22 +144,34 @@ def plain_adapter(module) -> str | None:
 
     if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
         return None  # 8-bit layers take int8_lora.py; 4-bit and other layer kinds keep PEFT's code
+    if not module.base_layer.weight.dtype.is_floating_point:
+        return None
+    return one_plain_adapter(module)
+
+
+def one_plain_adapter(module) -> str | None:
+    """A PEFT LoRA layer's one active adapter if it is plain LoRA over a bias-free base (what the LoRA
+    nodes compute), else None: DoRA and other variants, dropout, several adapters keep PEFT's code."""
     if module.base_layer.bias is not None or len(module.active_adapters) != 1:
         return None
     name = module.active_adapters[0]
     if (name not in module.lora_A or name in getattr(module, "lora_variant", {})
             or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
-        return None  # DoRA and other variants, or dropout (which this kernel does not apply)
-    if not module.base_layer.weight.dtype.is_floating_point:
         return None
     return name
+
+
+def node_may_run(module, args: tuple, kwargs: dict) -> bool:
+    """Whether a routed LoRA layer's call takes its node: training with gradients, its one adapter
+    active and unmerged, no extra arguments (PEFT's per-call adapter names and the like)."""
+    return (not args and not kwargs and module.training and torch.is_grad_enabled() and not module.disable_adapters
+            and not module.merged and list(module.active_adapters) == [module._lora_kernel_adapter])
 
 
 def lora_linear_forward(self, x, *args, **kwargs):
     """PEFT Linear.forward, except in training with gradients where the fused kernel runs."""
     name = self._lora_kernel_adapter
-    if (args or kwargs or not (self.training and torch.is_grad_enabled()) or self.disable_adapters or self.merged
-            or list(self.active_adapters) != [name]):
+    if not node_may_run(self, args, kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):

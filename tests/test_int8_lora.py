@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 from peft import prepare_model_for_kbit_training
-from tiny import count_applies, run_without_gradients, with_test_lora
+from tiny import count_applies, run_without_gradients, save_family_checkpoint, with_test_lora
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from fine_tuning_llms.engine.kernels import Int8LoraLinearFunction, guards, int8_lora, use_fused_kernels
@@ -153,3 +153,22 @@ def test_dequantisation_buffers_are_reused_and_results_do_not_alias_them():
     assert {dtype: buf.data_ptr() for dtype, buf in int8_lora._buffers.items()} == pointers  # no new memory
     assert torch.equal(first, kept) and not torch.equal(first, second)
     assert int8_lora.release_dequantize_buffers() == 6 * 8 * (4 + 2) and int8_lora._buffers == {}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma", "phi3"])
+def test_other_families_fp32_step_equals_peft(family, tmp_path, monkeypatch):
+    """The node is chosen by layer type, whatever the model: Qwen2 (its q/k/v have biases and keep
+    PEFT's code), Gemma, Phi-3 (fused qkv and gate_up projections) give PEFT's loss and gradients."""
+    model_dir = save_family_checkpoint(tmp_path / family, family)
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(1))
+    model = int8_lora_model(model_dir)
+    peft_loss, peft_grads = loss_and_grads(model, ids, autocast=False)
+    calls = count_applies(monkeypatch, Int8LoraLinearFunction)
+    use_fused_kernels(model)
+    node_loss, node_grads = loss_and_grads(model, ids, autocast=False)
+    bias_free = sum(type(m) is bnb.nn.Linear8bitLt and m.bias is None for m in model.modules())
+    assert len(calls) == bias_free > 0
+    assert (bias_free < int8_layers(model)) == (family == "qwen2")
+    torch.testing.assert_close(node_loss, peft_loss, rtol=1e-6, atol=1e-6)
+    for name in peft_grads:
+        torch.testing.assert_close(node_grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -58,6 +58,7 @@ __all__ = [
     "packed_bytes",
     "packing_fits",
     "release_packed_weights",
+    "release_dequantize_buffers",
     "use_fused_kernels",
     "weight_packing_available",
 ]
@@ -66,8 +67,8 @@ log = logging.getLogger(__name__)
 
 
 def release_packed_weights(model: torch.nn.Module) -> int:
-    """Free the packed weight copies (and the 8-bit node's buffers) made while training; returns the bytes released."""
-    freed = release_dequantize_buffers()
+    """Free ``model``'s packed weight copies made while training; returns the bytes released."""
+    freed = 0
     for module in model.modules():
         packed = module.__dict__.pop("_lora_kernel_packed", None)
         if packed is not None:

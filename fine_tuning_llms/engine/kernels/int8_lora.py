@@ -43,7 +43,7 @@ def _buffer(dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
 
 
 def release_dequantize_buffers() -> int:
-    """Free the dequantisation buffers (when training ends); returns the bytes released."""
+    """Free the dequantisation buffers (training calls it when it ends); returns the bytes released."""
     freed = sum(b.numel() * b.element_size() for b in _buffers.values())
     _buffers.clear()
     return freed

@@ -143,6 +143,9 @@ def prepare_peft_model(cfg: Config, model, tokenizer):
     if cfg.model.load_8bit or cfg.model.load_4bit:
         # Casts norms to fp32 and enables input grads so LoRA trains through frozen k-bit layers.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.model.load_4bit and keep_4bit_layers_trainable(model):
+        log.info("4-bit layers: bitsandbytes' CPU inference layout kept off while training (its product has no "
+                 "backward; evaluation and generation dequantise instead)")
     try:
         peft_model = get_peft_model(model, lora_config(cfg.train, extra=extra))
     except ValueError as exc:
@@ -151,6 +154,35 @@ def prepare_peft_model(cfg: Config, model, tokenizer):
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(peft_model)
     return peft_model, new_ids
+
+
+def keep_4bit_layers_trainable(model) -> int:
+    """Keep every bitsandbytes 4-bit layer in the layout its training product can backpropagate through.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) rewrites a 4-bit layer's weight into an
+    inference-only layout the first time the layer runs in eval mode without gradients (the packing
+    self-check, the held-out loss and the answers before training all do), and from then on
+    multiplies through ``gemv_4bit``, an op without a backward: the gradient through the frozen
+    weight is silently dropped and every LoRA layer below gets a wrong gradient (tests/test_nf4_training.py).
+    Turning the rewrite off keeps the dequantise-and-multiply path, in training and in evaluation.
+    Called before the model's first forward; bitsandbytes' way back from the rewrite is lossy (its
+    block scales pass through bf16), so a layer already rewritten is a bug here, not something to undo.
+    Returns the number of layers that had the rewrite on.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # no 4-bit layers without it
+        return 0
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            raise RuntimeError("a 4-bit layer ran in bitsandbytes' inference layout before training was set up")
+    return changed
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -7,7 +7,7 @@ from peft import prepare_model_for_kbit_training
 from tiny import count_applies, run_without_gradients, save_family_checkpoint, with_test_lora
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from fine_tuning_llms.engine.kernels import Int8LoraLinearFunction, guards, int8_lora, use_fused_kernels
+from fine_tuning_llms.engine.kernels import Int8LoraLinearFunction, buffers, guards, use_fused_kernels
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -116,7 +116,7 @@ def test_untested_bitsandbytes_routes_no_8bit_layer(tiny_model_dir, monkeypatch,
     layers = model.config.num_hidden_layers
     with caplog.at_level(logging.INFO, logger="fine_tuning_llms.engine.kernels"):
         assert use_fused_kernels(model) == layers + 2 * layers + 1
-    assert sum("8-bit LoRA node off" in r.getMessage() and "0.99.0" in r.getMessage() for r in caplog.records) == 1
+    assert sum("k-bit LoRA nodes off" in r.getMessage() and "0.99.0" in r.getMessage() for r in caplog.records) == 1
     assert not any(hasattr(m, "_lora_kernel_adapter") for m in model.modules())
 
 
@@ -144,15 +144,15 @@ def test_dequantisation_buffers_are_reused_and_results_do_not_alias_them():
     a, b = torch.randn(2, 8), torch.randn(6, 2)
     scb = torch.rand(6) + 0.5
     first_cb, second_cb = (torch.randint(-127, 128, (6, 8), dtype=torch.int8) for _ in range(2))
-    int8_lora.release_dequantize_buffers()  # what earlier tests left
+    buffers.release_dequantize_buffers()  # what earlier tests left
     first = Int8LoraLinearFunction.apply(x, first_cb, scb, a, b, 1.0, torch.bfloat16)
     kept = first.clone()
-    pointers = {dtype: buf.data_ptr() for dtype, buf in int8_lora._buffers.items()}
+    pointers = {dtype: buf.data_ptr() for dtype, buf in buffers._buffers.items()}
     assert set(pointers) == {torch.float32, torch.bfloat16}
     second = Int8LoraLinearFunction.apply(x, second_cb, scb, a, b, 1.0, torch.bfloat16)
-    assert {dtype: buf.data_ptr() for dtype, buf in int8_lora._buffers.items()} == pointers  # no new memory
+    assert {dtype: buf.data_ptr() for dtype, buf in buffers._buffers.items()} == pointers  # no new memory
     assert torch.equal(first, kept) and not torch.equal(first, second)
-    assert int8_lora.release_dequantize_buffers() == 6 * 8 * (4 + 2) and int8_lora._buffers == {}
+    assert buffers.release_dequantize_buffers() == 6 * 8 * (4 + 2) and buffers._buffers == {}
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma", "phi3"])

@@ -72,11 +72,14 @@ def test_kbit_activations_count_the_fp32_stream_and_peft_input_copies(tiny_model
     assert kbit.parts["packed weights"] == 0  # weight packing skips k-bit layers
     largest = max(m.weight.numel() for m in model.modules()
                   if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings())
-    assert kbit.parts["8-bit buffers"] == largest * (4 + 2)  # the 8-bit node's fp32 dequantisation and bf16 cast
+    assert kbit.parts["k-bit buffers"] == largest * (4 + 2)  # the 8-bit node's fp32 dequantisation and bf16 cast
     cfg.model.load_8bit, cfg.model.load_4bit = False, True
     four_bit = plan_memory(cfg, str(tiny_model_dir), [50] * 16, device=torch.device("cpu"), packed=True,
                            weight_dtype=torch.bfloat16, autocast=torch.bfloat16, process=100 * MB)
-    assert four_bit.parts["8-bit buffers"] == 0
+    assert four_bit.parts["k-bit buffers"] == largest * 2  # the 4-bit node dequantises bf16 weights in bf16
+    four_bit = plan_memory(cfg, str(tiny_model_dir), [50] * 16, device=torch.device("cpu"), packed=True,
+                           weight_dtype=torch.float32, autocast=torch.bfloat16, process=100 * MB)
+    assert four_bit.parts["k-bit buffers"] == largest * (4 + 2)  # fp32 weights: dequantised in fp32, then cast
 
 
 def test_checkpointed_activations_are_the_layer_inputs_and_one_layer(tiny_model_dir):

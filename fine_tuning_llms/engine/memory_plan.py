@@ -230,11 +230,16 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
         step_tokens = row = max(step_tokens, check)
     act_bytes = (autocast or weight_dtype).itemsize
     buffers = 0.0
-    if cfg.model.load_8bit and t.fused_kernels and on_cpu:
+    if quant and t.fused_kernels and on_cpu:
         from .kernels.guards import bitsandbytes_tested
 
-        if bitsandbytes_tested():  # the 8-bit node's reused buffers: the largest weight in fp32 and cast
-            buffers = float(max((m.weight.numel() for _, m in targets), default=0) * (4 + act_bytes))
+        if bitsandbytes_tested():  # the k-bit nodes' reused buffers, each the size of the largest weight
+            largest = max((m.weight.numel() for _, m in targets), default=0)
+            if cfg.model.load_8bit:  # dequantised in fp32 (the input's dtype), then cast for the product
+                buffers = float(largest * (4 + act_bytes))
+            else:  # dequantised in the weights' dtype, cast for the product where that differs
+                buffers = float(largest * (act_bytes + (weight_dtype.itemsize if weight_dtype.itemsize != act_bytes
+                                                        else 0)))
     # k-bit: PEFT's preparation casts the embeddings and norms to fp32, so the residual stream is fp32
     # (keeping them bf16 saved memory but trained ~1% worse, benchmarks/RESULTS.md), and under
     # autocast each LoRA layer keeps a bf16 copy of its fp32 input (PEFT's 4-bit layers and the
@@ -258,7 +263,7 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     fused_head = t.fused_kernels and t.trained_logits_only
     head = min(HEAD_CHUNK_BYTES, 3.0 * 4 * logit_positions * vocab) if fused_head else 3.0 * 4 * logit_positions * vocab
     parts = {"process": process, "weights": weights, "LoRA + AdamW": trainable, "packed weights": packed_copies,
-             "8-bit buffers": buffers, "activations": activations, "head logits": head}
+             "k-bit buffers": buffers, "activations": activations, "head logits": head}
     pages = (file_bytes(location) if weights_file is None else weights_file) if on_cpu else 0.0  # GPU: no page cache
     loading = process + weights + LOAD_SLACK * pages
     training = process + weights + trainable + packed_copies + buffers + activations + head

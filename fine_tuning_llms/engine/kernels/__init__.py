@@ -3,6 +3,8 @@ small ops, written as one autograd node with a hand-written backward, one node p
 
 - ``lora_linear``: a plain LoRA linear layer (and its frozen CPU weights packed once for oneDNN);
 - ``int8_lora``: a LoRA layer over a bitsandbytes 8-bit layer (``--load_8bit``), on CPU;
+- ``nf4_lora``: a LoRA layer over a bitsandbytes 4-bit layer (``--load_4bit``), on CPU;
+- ``buffers``: the buffers those two dequantise into, reused between calls;
 - ``attention``: causal attention of a packed row's conversations, rotary embedding included (CPU);
 - ``rmsnorm``: Llama's RMSNorm;
 - ``head_loss``: the vocabulary head with the cross-entropy, never holding the whole logits;
@@ -30,9 +32,10 @@ from pathlib import Path
 import torch
 
 from .attention import PackedAttentionFunction, attention_forward, flash_ops_missing
+from .buffers import release_dequantize_buffers
 from .guards import BITSANDBYTES_TESTED, TESTED_VERSIONS, bitsandbytes_tested, fused_paths_refused, missing_ops
 from .head_loss import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
-from .int8_lora import Int8LoraLinearFunction, int8_adapter, int8_lora_forward, release_dequantize_buffers
+from .int8_lora import Int8LoraLinearFunction, int8_adapter, int8_lora_forward
 from .lora_linear import (
     PACKING_OPS,
     LoraLinearFunction,
@@ -43,6 +46,7 @@ from .lora_linear import (
     plain_adapter,
     weight_packing_available,
 )
+from .nf4_lora import Nf4LoraLinearFunction, dequantize_self_check, nf4_adapter, nf4_lora_forward
 from .rmsnorm import RMSNormFunction, rmsnorm_forward
 
 __all__ = [
@@ -50,6 +54,7 @@ __all__ = [
     "HeadCrossEntropyFunction",
     "Int8LoraLinearFunction",
     "LoraLinearFunction",
+    "Nf4LoraLinearFunction",
     "PackedAttentionFunction",
     "PackedWeight",
     "RMSNormFunction",
@@ -127,7 +132,7 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
     if flash_missing and any(type(m) is LlamaAttention for m in modules):
         log.info("Packed attention node off: this torch build lacks %s; attention keeps transformers' code",
                  ", ".join(flash_missing))
-    patched, lora_layers, int8_tested = 0, [], None
+    patched, lora_layers, bnb_tested = 0, [], None
     for module in modules:
         if type(module) is LlamaAttention:  # takes its path only for packed rows (packing on)
             if not flash_missing:
@@ -138,13 +143,15 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
             module.forward = types.MethodType(rmsnorm_forward, module)
             patched += 1
             continue
-        int8_name = int8_adapter(module)
-        if int8_name is not None:
-            if int8_tested is None:  # an untested release keeps PEFT's and bitsandbytes' code
-                int8_tested = bitsandbytes_tested()
-            if int8_tested:
-                module._lora_kernel_adapter = int8_name
-                module.forward = types.MethodType(int8_lora_forward, module)
+        kbit_name, kbit_forward = int8_adapter(module), int8_lora_forward
+        if kbit_name is None:
+            kbit_name, kbit_forward = nf4_adapter(module), nf4_lora_forward
+        if kbit_name is not None:
+            if bnb_tested is None:  # an untested release keeps PEFT's and bitsandbytes' code
+                bnb_tested = bitsandbytes_tested()
+            if bnb_tested and (kbit_forward is int8_lora_forward or dequantize_self_check()):
+                module._lora_kernel_adapter = kbit_name
+                module.forward = types.MethodType(kbit_forward, module)
                 patched += 1
             continue
         name = plain_adapter(module)
@@ -154,11 +161,12 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
         module.forward = types.MethodType(lora_linear_forward, module)
         lora_layers.append(module)
         patched += 1
-    if int8_tested is False:
+    if bnb_tested is False:
         import bitsandbytes
 
-        log.info("8-bit LoRA node off: it is tested with bitsandbytes %s.x-%s.x, this environment has %s; 8-bit "
-                 "layers keep PEFT's and bitsandbytes' code", *BITSANDBYTES_TESTED, bitsandbytes.__version__)
+        log.info("k-bit LoRA nodes off: they are tested with bitsandbytes %s.x-%s.x, this environment has %s; "
+                 "8-bit and 4-bit layers keep PEFT's and bitsandbytes' code", *BITSANDBYTES_TESTED,
+                 bitsandbytes.__version__)
     pack = pack_weights and _weight_packing_fits(lora_layers)
     for module in lora_layers:
         module._lora_kernel_pack = pack

@@ -23,39 +23,18 @@ import functools
 
 import torch
 
+from .buffers import dequantize_buffer
 from .frozen_matmul import frozen_input_grad, frozen_linear
 from .lora_linear import lora_branch_grads, node_may_run, one_plain_adapter
-
-# Dequantised weights are written into buffers kept between calls, one per dtype, grown to the
-# largest weight. A new tensor the size of a weight is fresh memory from the system at every call,
-# and its page faults cost more than the arithmetic: dequantising an 8192 x 2048 weight took 47 ms
-# into new tensors, 8 ms into reused ones (benchmarks/RESULTS.md). Training is one thread of
-# Python and each buffer is used only inside one forward or one backward, so reuse is safe.
-_buffers: dict[torch.dtype, torch.Tensor] = {}
-
-
-def _buffer(dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    n = shape.numel()
-    buffer = _buffers.get(dtype)
-    if buffer is None or buffer.numel() < n:
-        buffer = _buffers[dtype] = torch.empty(n, dtype=dtype)
-    return buffer[:n].view(shape)
-
-
-def release_dequantize_buffers() -> int:
-    """Free the dequantisation buffers (training calls it when it ends); returns the bytes released."""
-    freed = sum(b.numel() * b.element_size() for b in _buffers.values())
-    _buffers.clear()
-    return freed
 
 
 def _dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype, cast: torch.dtype | None = None):
     """bitsandbytes' CPU dequantisation, in its order of operations: CB in ``dtype`` times SCB / 127,
-    then (``cast``) rounded to another dtype as autocast would. Valid until the next call."""
-    weight = _buffer(dtype, cb.shape).copy_(cb).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+    then (``cast``) rounded to another dtype as autocast would. Valid until the next call (``buffers``)."""
+    weight = dequantize_buffer(dtype, cb.shape).copy_(cb).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
     if cast is None or cast == dtype:
         return weight
-    return _buffer(cast, cb.shape).copy_(weight)
+    return dequantize_buffer(cast, cb.shape).copy_(weight)
 
 
 class Int8LoraLinearFunction(torch.autograd.Function):

@@ -54,7 +54,8 @@ def env() -> dict:
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # the ranks' own messages come before the launcher's traceback: keep enough to see why one died
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-12000:]
     return proc
 
 

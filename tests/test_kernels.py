@@ -267,6 +267,29 @@ def test_fp16_keeps_autograd_cross_entropy(tiny_model_dir, monkeypatch):
 
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_evaluation_loss_in_head_chunks_equals_the_model_logits(tiny_model_dir, monkeypatch, autocast):
+    """Without gradients the loss is made a few rows of logits at a time: the model's own numbers."""
+    from fine_tuning_llms.engine import trainer
+
+    monkeypatch.setattr(trainer, "head_chunk_rows", lambda vocab: 4)  # several chunks
+    model = lora_model(tiny_model_dir)
+    model.eval()
+    batch = packed_row(model.config.vocab_size)
+    targets = batch["labels"][0, 1:]
+    keep = (targets != -100).nonzero().squeeze(1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, n, outputs = trainer.trained_token_loss(model, batch)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits[0]
+    expected = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    assert outputs is None and n == len(keep) > 8
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
+    model.get_base_model().lm_head.weight.requires_grad_(True)  # a trained head: the model's path
+    with torch.no_grad():
+        assert trainer.trained_token_loss(model, batch)[2] is not None
+
+
 def test_packed_attention_matches_numerical_gradients():
     torch.manual_seed(0)
     lengths, heads, kv_heads, dim = [3, 5, 2], 4, 2, 6

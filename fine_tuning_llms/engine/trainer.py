@@ -25,6 +25,7 @@ from .artefacts import atomic_write_json, atomic_write_text
 from .batching import PackingCollator, pad_batch
 from .distributed import is_main_process, is_sharded, shard_counts, use_fsdp_on_cpu
 from .kernels import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
+from .memory_plan import return_freed_memory
 from .precision import autocast_dtype
 from .run_identity import IDENTITY_FILE
 
@@ -166,9 +167,28 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
             else:
                 loss = HeadCrossEntropyFunction.apply(hidden, weight, targets[keep], head_chunk_rows(weight.shape[0]))
         return loss, len(keep), None
+    if not torch.is_grad_enabled():
+        head = head_for_fused_loss(model)  # evaluation: the same logits, a chunk of rows at a time
+        if head is not None:
+            decoder, weight = head
+            hidden = decoder(**inputs).last_hidden_state[0, keep]  # under the caller's autocast, as in the model
+            return chunked_head_loss(hidden, weight, targets[keep]), len(keep), None
     outputs = model(**inputs, logits_to_keep=keep)  # logits: (1, N, vocab)
     loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum")
     return loss, len(keep), outputs
+
+
+def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the head's logits ``hidden @ weight.T``, without gradients, made a chunk
+    of rows at a time: the model's own product and loss, but an evaluation batch never holds its whole
+    (N, vocabulary) logits and their fp32 copy at once. At a 128k vocabulary those were the largest
+    allocations of a run (benchmarks/RESULTS.md)."""
+    rows = head_chunk_rows(weight.shape[0])
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], rows):
+        logits = torch.nn.functional.linear(hidden[start:start + rows], weight)  # autocast casts as lm_head's
+        total += torch.nn.functional.cross_entropy(logits.float(), targets[start:start + rows], reduction="sum")
+    return total
 
 
 class BarOnlyProgressCallback(ProgressCallback):
@@ -326,6 +346,8 @@ def mean_eval_loss(model, examples: Sequence[dict], pad_token_id: int, *, batch_
     if not examples:
         return float("nan")
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        return_freed_memory()  # what the phase before left in the allocator's free lists would add to this one's peak
     total_loss, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()

@@ -4,7 +4,14 @@ import logging
 import pytest
 import torch
 from peft import prepare_model_for_kbit_training
-from tiny import count_applies, run_without_gradients, save_family_checkpoint, with_test_lora
+from tiny import (
+    assert_as_close_to_fp32_as_peft,
+    count_applies,
+    loss_and_grads,
+    run_without_gradients,
+    save_family_checkpoint,
+    with_test_lora,
+)
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from fine_tuning_llms.engine.kernels import Int8LoraLinearFunction, buffers, guards, use_fused_kernels
@@ -40,14 +47,6 @@ def int8_lora_model(model_dir, **lora):
     return with_test_lora(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), **lora)
 
 
-def loss_and_grads(model, ids, autocast: bool):
-    model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    return loss.detach(), grads
 
 
 def int8_layers(model) -> int:
@@ -70,10 +69,6 @@ def test_fp32_training_step_equals_peft_over_bitsandbytes(tiny_model_dir, monkey
         torch.testing.assert_close(node_grads[name], peft_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def relative_error(grads, reference) -> float:
-    """||grads - reference|| / ||reference|| over every trainable tensor together."""
-    diff = sum(float(((grads[n] - reference[n]) ** 2).sum()) for n in reference)
-    return (diff / sum(float((reference[n] ** 2).sum()) for n in reference)) ** 0.5
 
 
 def test_bf16_autocast_training_step_is_as_close_to_fp32_as_peft(tiny_model_dir, monkeypatch):
@@ -90,9 +85,7 @@ def test_bf16_autocast_training_step_is_as_close_to_fp32_as_peft(tiny_model_dir,
     assert len(calls) == int8_layers(model)
     assert all(g.dtype == torch.float32 for g in node_grads.values())
     torch.testing.assert_close(node_loss, fp32_loss, rtol=1e-3, atol=0)
-    peft_error, node_error = relative_error(peft_grads, fp32_grads), relative_error(node_grads, fp32_grads)
-    assert 0 < peft_error < 0.05  # bf16 rounding, not a different computation
-    assert node_error <= 2 * peft_error, (node_error, peft_error)
+    assert_as_close_to_fp32_as_peft(node_grads, peft_grads, fp32_grads)
 
 
 def test_node_only_while_training_with_gradients(tiny_model_dir, monkeypatch):

@@ -396,3 +396,30 @@ def with_test_lora(model, **lora):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
     return model
+
+
+def loss_and_grads(model, ids, autocast: bool):
+    """One training-mode forward + backward on ``ids`` (labels = inputs), optionally under bf16
+    autocast: (loss, {name: gradient} of the trainable parameters); gradients are reset after."""
+    import torch
+
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def relative_error(grads, reference) -> float:
+    """||grads - reference|| / ||reference|| over every trainable tensor together."""
+    diff = sum(float(((grads[n] - reference[n]) ** 2).sum()) for n in reference)
+    return (diff / sum(float((reference[n] ** 2).sum()) for n in reference)) ** 0.5
+
+
+def assert_as_close_to_fp32_as_peft(node_grads, peft_grads, fp32_grads) -> None:
+    """A node's bf16-autocast gradients are held to the fp32 step: within 2x PEFT's own bf16 error."""
+    peft_error, node_error = relative_error(peft_grads, fp32_grads), relative_error(node_grads, fp32_grads)
+    assert 0 < peft_error < 0.05  # bf16 rounding, not a different computation
+    assert node_error <= 2 * peft_error, (node_error, peft_error)

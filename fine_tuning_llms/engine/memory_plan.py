@@ -23,6 +23,7 @@ Llama-3.2-1B shape in fp32/bf16/8-bit/4-bit at batch 1 and 8 (benchmarks/RESULTS
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,18 +91,25 @@ def return_freed_memory() -> bool:
     of other sizes, often do not fit them: its peak then adds to what the last phase left. Called
     between phases (before each held-out evaluation), it lowered the Llama-3.2-1B shape's 8-bit
     train peak RSS by ~0.9 GB (benchmarks/RESULTS.md)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (musl, macOS, Windows): looked up once, since finding the C
+    library runs ``ldconfig``."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
-        trim = None
-    if trim is None:
-        return False
-    trim(0)
-    return True
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
 
 
 def available_memory(limit_gb: float | None = None, device: torch.device | None = None) -> float | None:
@@ -260,8 +268,8 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
             if cfg.model.load_8bit:  # dequantised in fp32 (the input's dtype), then cast for the product
                 buffers = float(largest * (4 + act_bytes))
             else:  # dequantised in the weights' dtype, cast for the product where that differs
-                buffers = float(largest * (act_bytes + (weight_dtype.itemsize if weight_dtype.itemsize != act_bytes
-                                                        else 0)))
+                cast = weight_dtype != (autocast or weight_dtype)
+                buffers = float(largest * (act_bytes + (weight_dtype.itemsize if cast else 0)))
     # k-bit: PEFT's preparation casts the embeddings and norms to fp32, so the residual stream is fp32
     # (keeping them bf16 saved memory but trained ~1% worse, benchmarks/RESULTS.md), and under
     # autocast each LoRA layer keeps a bf16 copy of its fp32 input (PEFT's 4-bit layers and the

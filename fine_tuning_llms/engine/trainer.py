@@ -147,11 +147,14 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
     with a frozen head) the head and the loss are one node that never holds the whole logits
     (``kernels.HeadCrossEntropyFunction``); outputs are then None. The decoder is called
     directly there, so the autocast that accelerate puts around ``model.forward`` is applied here.
+    Without gradients (evaluation) the same model's loss is made from its logits a chunk of rows
+    at a time (``chunked_head_loss``), also with outputs None.
     """
     inputs = dict(inputs, use_cache=False)  # a cache would make transformers stop isolating packed sequences
     targets = inputs.pop("labels")[0, 1:]                      # (T-1,) token t+1 is predicted at t
     keep = (targets != chat_format.IGNORE_INDEX).nonzero().squeeze(1)  # (N,) positions that need logits
-    head = head_for_fused_loss(model) if fused_head else None
+    evaluating = not torch.is_grad_enabled()
+    head = head_for_fused_loss(model) if fused_head or evaluating else None
     if head is not None:
         decoder, weight = head
         device = inputs["input_ids"].device
@@ -159,7 +162,9 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
                     else contextlib.nullcontext())
         with autocast:
             hidden = decoder(**inputs).last_hidden_state[0, keep]  # (N, d)
-            if hidden.dtype == torch.float16:
+            if evaluating:  # the model's own logits and loss, a chunk of rows at a time
+                loss = chunked_head_loss(hidden, weight, targets[keep])
+            elif hidden.dtype == torch.float16:
                 # the node's fp16 softmax gradient would flush small probabilities to zero before the
                 # loss scaler can lift them; fp16 keeps autograd's cross-entropy (bf16 has fp32's range)
                 logits = torch.nn.functional.linear(hidden, weight.to(hidden.dtype))
@@ -167,12 +172,6 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
             else:
                 loss = HeadCrossEntropyFunction.apply(hidden, weight, targets[keep], head_chunk_rows(weight.shape[0]))
         return loss, len(keep), None
-    if not torch.is_grad_enabled():
-        head = head_for_fused_loss(model)  # evaluation: the same logits, a chunk of rows at a time
-        if head is not None:
-            decoder, weight = head
-            hidden = decoder(**inputs).last_hidden_state[0, keep]  # under the caller's autocast, as in the model
-            return chunked_head_loss(hidden, weight, targets[keep]), len(keep), None
     outputs = model(**inputs, logits_to_keep=keep)  # logits: (1, N, vocab)
     loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum")
     return loss, len(keep), outputs

@@ -28,3 +28,11 @@ def release_dequantize_buffers() -> int:
     freed = sum(b.numel() * b.element_size() for b in _buffers.values())
     _buffers.clear()
     return freed
+
+
+def rounded(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` (a dequantised weight) rounded to ``dtype`` into that dtype's buffer, as autocast or
+    ``.to`` would round it; ``tensor`` itself where ``dtype`` is None or already its dtype."""
+    if dtype is None or dtype == tensor.dtype:
+        return tensor
+    return dequantize_buffer(dtype, tensor.shape).copy_(tensor)

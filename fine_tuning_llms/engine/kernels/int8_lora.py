@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from .buffers import dequantize_buffer
+from .buffers import dequantize_buffer, rounded
 from .frozen_matmul import frozen_input_grad, frozen_linear
 from .lora_linear import lora_branch_grads, node_may_run, one_plain_adapter
 
@@ -32,9 +32,7 @@ def _dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype, cast: t
     """bitsandbytes' CPU dequantisation, in its order of operations: CB in ``dtype`` times SCB / 127,
     then (``cast``) rounded to another dtype as autocast would. Valid until the next call (``buffers``)."""
     weight = dequantize_buffer(dtype, cb.shape).copy_(cb).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
-    if cast is None or cast == dtype:
-        return weight
-    return dequantize_buffer(cast, cb.shape).copy_(weight)
+    return rounded(weight, cast)
 
 
 class Int8LoraLinearFunction(torch.autograd.Function):

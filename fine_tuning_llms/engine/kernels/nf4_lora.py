@@ -25,7 +25,7 @@ import logging
 
 import torch
 
-from .buffers import dequantize_buffer
+from .buffers import dequantize_buffer, rounded
 from .frozen_matmul import frozen_input_grad, frozen_linear
 from .lora_linear import lora_branch_grads, node_may_run, one_plain_adapter
 
@@ -72,9 +72,7 @@ def dequantize(weight: torch.Tensor, state, dtype: torch.dtype, cast: torch.dtyp
     else:
         out.copy_(torch.ops.bitsandbytes.dequantize_4bit.default(codes, absmax, state.blocksize, state.quant_type,
                                                                 shape, dtype))
-    if cast is None or cast == dtype:
-        return out
-    return dequantize_buffer(cast, shape).copy_(out)
+    return rounded(out, cast)
 
 
 class Nf4LoraLinearFunction(torch.autograd.Function):

@@ -266,9 +266,9 @@ def run(cfg: Config) -> dict:
         raise
     finally:
         if fused:
-            from .engine.kernels import release_dequantize_buffers, release_packed_weights
+            from .engine.kernels import release_buffers, release_packed_weights
             release_packed_weights(model)  # the training-only weight copies: eval and generation do not use them
-            release_dequantize_buffers()  # and the k-bit nodes' (one set per process, not per model)
+            release_buffers()  # and the nodes' scratch buffers (one set per process, not per model)
     seconds = time.perf_counter() - start
     training_seconds = max(seconds - trainer.eval_seconds, 0.0)
 

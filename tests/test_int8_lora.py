@@ -137,15 +137,15 @@ def test_dequantisation_buffers_are_reused_and_results_do_not_alias_them():
     a, b = torch.randn(2, 8), torch.randn(6, 2)
     scb = torch.rand(6) + 0.5
     first_cb, second_cb = (torch.randint(-127, 128, (6, 8), dtype=torch.int8) for _ in range(2))
-    buffers.release_dequantize_buffers()  # what earlier tests left
+    buffers.release_buffers()  # what earlier tests left
     first = Int8LoraLinearFunction.apply(x, first_cb, scb, a, b, 1.0, torch.bfloat16)
     kept = first.clone()
-    pointers = {dtype: buf.data_ptr() for dtype, buf in buffers._buffers.items()}
-    assert set(pointers) == {torch.float32, torch.bfloat16}
+    pointers = {key: buf.data_ptr() for key, buf in buffers._buffers.items()}
+    assert set(pointers) == {("dequantize", dt, torch.device("cpu")) for dt in (torch.float32, torch.bfloat16)}
     second = Int8LoraLinearFunction.apply(x, second_cb, scb, a, b, 1.0, torch.bfloat16)
-    assert {dtype: buf.data_ptr() for dtype, buf in buffers._buffers.items()} == pointers  # no new memory
+    assert {key: buf.data_ptr() for key, buf in buffers._buffers.items()} == pointers  # no new memory
     assert torch.equal(first, kept) and not torch.equal(first, second)
-    assert buffers.release_dequantize_buffers() == 6 * 8 * (4 + 2) and buffers._buffers == {}
+    assert buffers.release_buffers() == 6 * 8 * (4 + 2) and buffers._buffers == {}
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma", "phi3"])

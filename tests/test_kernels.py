@@ -200,6 +200,41 @@ def test_head_cross_entropy_matches_numerical_gradients_across_chunks():
     assert torch.autograd.gradcheck(lambda h: HeadCrossEntropyFunction.apply(h, weight, targets, 3), (hidden,))
 
 
+def test_bf16_head_reuses_its_buffers_and_no_result_aliases_them():
+    """In bf16 the head node's fp32 statistics and bf16 gradient live in buffers kept between calls:
+    the loss and gradient equal the same maths on fresh tensors, and a later call with other rows
+    (a smaller last chunk included) neither grows the buffers nor changes an earlier result."""
+    from fine_tuning_llms.engine.kernels import buffers
+
+    torch.manual_seed(0)
+    weight = torch.randn(50, 8).bfloat16()
+    buffers.release_buffers()
+
+    def run(rows: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        hidden = torch.randn(rows, 8, generator=generator).bfloat16().requires_grad_()
+        targets = torch.randint(0, 50, (rows,), generator=generator)
+        loss = HeadCrossEntropyFunction.apply(hidden, weight, targets, 4)
+        loss.backward()
+        logits = (hidden.detach() @ weight.t()).float()  # the node's maths, on fresh tensors
+        softmax = logits.softmax(-1)
+        softmax[torch.arange(rows), targets] -= 1.0
+        expected_grad = softmax.bfloat16() @ weight
+        expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(hidden.grad, expected_grad, rtol=0.02, atol=0.02)
+        return loss.detach().clone(), hidden.grad
+
+    first_loss, first_grad = run(10, 1)
+    kept = first_grad.clone()
+    pointers = {key: b.data_ptr() for key, b in buffers._buffers.items()}
+    assert {key[0] for key in pointers} == {"head_stats", "head_grad"}
+    run(7, 2)
+    assert {key: b.data_ptr() for key, b in buffers._buffers.items()} == pointers  # no new memory
+    assert torch.equal(first_grad, kept)
+    assert buffers.release_buffers() == 4 * 50 * (4 + 2) and buffers._buffers == {}
+
+
 def packed_row(vocab: int):
     torch.manual_seed(1)
     lengths = [6, 9, 5]

@@ -146,17 +146,18 @@ def test_node_keeps_the_input_once_and_reuses_buffers():
     packed, state = quantised(dtype=torch.bfloat16)
     x = torch.randn(16, 128, requires_grad=True)
     a, b = torch.randn(2, 128, requires_grad=True), torch.randn(6, 2, requires_grad=True)
-    buffers.release_dequantize_buffers()
+    buffers.release_buffers()
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
         y = Nf4LoraLinearFunction.apply(x, packed, state, a, b, 1.0, torch.bfloat16, torch.bfloat16)
     activations = [t for t in kept if t.shape == (16, 128)]
     assert [t.dtype for t in activations] == [torch.bfloat16]
     assert y.dtype == torch.float32  # bitsandbytes' layer returns the input's dtype
-    first, pointer = y.detach().clone(), buffers._buffers[torch.bfloat16].data_ptr()
+    key = ("dequantize", torch.bfloat16, torch.device("cpu"))
+    first, pointer = y.detach().clone(), buffers._buffers[key].data_ptr()
     y.sum().backward()
-    assert buffers._buffers[torch.bfloat16].data_ptr() == pointer and torch.equal(y.detach(), first)
-    assert set(buffers._buffers) == {torch.bfloat16}
+    assert buffers._buffers[key].data_ptr() == pointer and torch.equal(y.detach(), first)
+    assert set(buffers._buffers) == {key}
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma", "phi3"])

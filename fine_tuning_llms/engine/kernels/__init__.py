@@ -4,7 +4,7 @@ small ops, written as one autograd node with a hand-written backward, one node p
 - ``lora_linear``: a plain LoRA linear layer (and its frozen CPU weights packed once for oneDNN);
 - ``int8_lora``: a LoRA layer over a bitsandbytes 8-bit layer (``--load_8bit``), on CPU;
 - ``nf4_lora``: a LoRA layer over a bitsandbytes 4-bit layer (``--load_4bit``), on CPU;
-- ``buffers``: the buffers those two dequantise into, reused between calls;
+- ``buffers``: the scratch buffers those two dequantise into and the head works in, reused between calls;
 - ``attention``: causal attention of a packed row's conversations, rotary embedding included (CPU);
 - ``rmsnorm``: Llama's RMSNorm;
 - ``head_loss``: the vocabulary head with the cross-entropy, never holding the whole logits;
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .attention import PackedAttentionFunction, attention_forward, flash_ops_missing
-from .buffers import release_dequantize_buffers
+from .buffers import release_buffers
 from .guards import BITSANDBYTES_TESTED, TESTED_VERSIONS, bitsandbytes_tested, fused_paths_refused, missing_ops
 from .head_loss import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
 from .int8_lora import Int8LoraLinearFunction, int8_adapter, int8_lora_forward
@@ -62,8 +62,8 @@ __all__ = [
     "head_for_fused_loss",
     "packed_bytes",
     "packing_fits",
+    "release_buffers",
     "release_packed_weights",
-    "release_dequantize_buffers",
     "use_fused_kernels",
     "weight_packing_available",
 ]

@@ -1,30 +1,38 @@
-"""Buffers the k-bit LoRA nodes dequantise their frozen weights into, kept between calls.
+"""Scratch buffers the training nodes reuse between calls instead of allocating anew.
 
-A new tensor the size of a weight is fresh memory from the system at every call, and its page
-faults cost more than the arithmetic: dequantising an 8192 x 2048 int8 weight took 47 ms into new
-tensors, 8 ms into reused ones; an nf4 one 17-26 ms vs 1.5 ms (benchmarks/RESULTS.md). One buffer
-per dtype, grown to the largest weight. Training is one thread of Python and each buffer is used
-only inside one forward or one backward of one layer, so reuse is safe; a result handed to autograd
-never aliases a buffer.
+A new tensor of many megabytes is fresh memory from the system at every call, and its page faults
+cost more than the arithmetic: dequantising an 8192 x 2048 int8 weight took 47 ms into new tensors,
+8 ms into reused ones; an nf4 one 17-26 ms vs 1.5 ms; the head's (chunk, vocabulary) softmax
+statistics and gradient likewise (benchmarks/RESULTS.md). One buffer per purpose, dtype and device,
+grown to the largest request. Training is one thread of Python and each buffer is used only inside
+one call of one node (a layer's forward or backward, the head's forward), so reuse is safe; a
+result handed to autograd never aliases a buffer.
 """
 from __future__ import annotations
 
 import torch
 
-_buffers: dict[torch.dtype, torch.Tensor] = {}
+_buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def dequantize_buffer(dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-    """A ``shape`` view of the ``dtype`` buffer, valid until the next call for that dtype."""
-    n = shape.numel()
-    buffer = _buffers.get(dtype)
+def reused_buffer(purpose: str, dtype: torch.dtype, shape, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A ``shape`` view of the buffer for (purpose, dtype, device), valid until the next call for the same."""
+    shape, device = torch.Size(shape), torch.device(device)
+    key, n = (purpose, dtype, device), shape.numel()
+    buffer = _buffers.get(key)
     if buffer is None or buffer.numel() < n:
-        buffer = _buffers[dtype] = torch.empty(n, dtype=dtype)
+        _buffers.pop(key, None)  # the smaller one goes before the larger one is made
+        buffer = _buffers[key] = torch.empty(n, dtype=dtype, device=device)
     return buffer[:n].view(shape)
 
 
-def release_dequantize_buffers() -> int:
-    """Free the dequantisation buffers (training calls it when it ends); returns the bytes released."""
+def dequantize_buffer(dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    """A ``shape`` view of the CPU buffer k-bit weights are dequantised into (in ``dtype``)."""
+    return reused_buffer("dequantize", dtype, shape)
+
+
+def release_buffers() -> int:
+    """Free every reused buffer (training calls it when it ends); returns the bytes released."""
     freed = sum(b.numel() * b.element_size() for b in _buffers.values())
     _buffers.clear()
     return freed

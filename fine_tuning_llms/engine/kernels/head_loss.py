@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .buffers import reused_buffer
 from .frozen_matmul import frozen_input_grad, frozen_linear
 from .guards import untested_versions
 
@@ -29,11 +30,18 @@ class HeadCrossEntropyFunction(torch.autograd.Function):
             rows = slice(start, start + chunk_rows)
             target = targets[rows]
             logits = frozen_linear(hidden[rows], weight)               # (c, V) in the compute dtype
-            log_probs = torch.log_softmax(logits, dim=-1, dtype=stats)  # cast and all in one pass (logsumexp is several)
+            # The fp32 statistics and the compute-dtype gradient go into buffers reused across chunks
+            # and steps: fresh (c, V) tensors cost more in page faults than the softmax itself
+            # (benchmarks/RESULTS.md). Every pass below is in place on one of the two.
+            log_probs = logits if dtype == stats else reused_buffer("head_stats", stats, logits.shape,
+                                                                    logits.device).copy_(logits)
+            torch.log_softmax(log_probs, dim=-1, out=log_probs)
             total -= log_probs.gather(1, target[:, None]).sum()
-            grad_logits = log_probs.exp_()                            # softmax, in place
+            grad_logits = log_probs.exp_()                            # softmax
             grad_logits[torch.arange(len(target), device=target.device), target] -= 1.0
-            frozen_input_grad(grad_logits.to(dtype), weight, out=grad_hidden[rows])
+            if dtype != stats:
+                grad_logits = reused_buffer("head_grad", dtype, logits.shape, logits.device).copy_(grad_logits)
+            frozen_input_grad(grad_logits, weight, out=grad_hidden[rows])
         ctx.save_for_backward(grad_hidden)
         return total
 

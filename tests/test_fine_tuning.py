@@ -1,5 +1,6 @@
 """`--task train` end to end on the tiny model: LoRA moves only the adapter, k-bit runs, resume
 after SIGKILL, merged model equals base + adapter, 2-process torchrun."""
+import contextlib
 import csv
 import json
 import logging
@@ -240,6 +241,40 @@ def _fail_at_step(monkeypatch, step: int, failure):
         return loss
 
     monkeypatch.setattr(training.ChatTrainer, "compute_loss", compute_loss)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_objects_sit_out_collection_only_during_train(monkeypatch, fails):
+    """ChatTrainer.train freezes the objects alive at its start (Trainer's opening gc.collect() skips
+    them) and hands them back when it returns or raises; a freeze the caller made is left alone."""
+    import gc
+
+    import transformers
+
+    from fine_tuning_llms.engine.trainer import ChatTrainer
+
+    seen = []
+
+    def train(self, *args, **kwargs):
+        seen.append(gc.get_freeze_count())
+        if fails:
+            raise RuntimeError("stopped")
+        return "done"
+
+    monkeypatch.setattr(transformers.Trainer, "train", train)
+    trainer = object.__new__(ChatTrainer)  # only train() runs: no model needed
+    gc.unfreeze()
+    try:
+        with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+            assert ChatTrainer.train(trainer) == "done"
+        assert seen[0] > 0 and gc.get_freeze_count() == 0
+        gc.freeze()  # the caller's own
+        frozen = gc.get_freeze_count()
+        with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+            ChatTrainer.train(trainer)
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_nan_loss_stops_without_saving_a_final_model(tiny_model_dir, train_data, tmp_path, monkeypatch, capsys):

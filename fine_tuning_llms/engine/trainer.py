@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import io
 import logging
 import math
@@ -79,8 +80,19 @@ class ChatTrainer(Trainer):
         # While the bar is drawn, console log lines go through tqdm.write so they do not split it.
         console = any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
                       for h in logging.root.handlers)
-        with logging_redirect_tqdm() if console else contextlib.nullcontext():
-            return super().train(*args, **kwargs)
+        # Trainer.train starts with accelerate's free_memory(): a full gc.collect() over every object
+        # the process holds, ~0.36 s for the ~550k the loaded model, tokenizer and data leave
+        # (benchmarks/RESULTS.md). They live until training ends anyway, so they sit out collection
+        # for the call (gc.freeze) and are handed back after; a caller's own freeze is left alone.
+        freeze = gc.get_freeze_count() == 0
+        if freeze:
+            gc.freeze()
+        try:
+            with logging_redirect_tqdm() if console else contextlib.nullcontext():
+                return super().train(*args, **kwargs)
+        finally:
+            if freeze:
+                gc.unfreeze()
 
     def floating_point_ops(self, inputs) -> int:
         """Trainer's FLOPs estimate for ``total_flos``, with the parameter count taken once: Trainer

@@ -225,7 +225,7 @@ def test_bf16_head_reuses_its_buffers_and_no_result_aliases_them():
         torch.testing.assert_close(hidden.grad, expected_grad, rtol=0.02, atol=0.02)
         return loss.detach().clone(), hidden.grad
 
-    first_loss, first_grad = run(10, 1)
+    _, first_grad = run(10, 1)
     kept = first_grad.clone()
     pointers = {key: b.data_ptr() for key, b in buffers._buffers.items()}
     assert {key[0] for key in pointers} == {"head_stats", "head_grad"}

@@ -8,8 +8,11 @@ cell feeds ~``CELL_TOKENS`` tokens (a cell of tiny steps runs more of them). Per
 each trainer's training loop (non-pad tokens fed forward over the loop's wall time), the ratio, and
 the held-out loss of the toolkit's defaults vs the toolkit with every lever off (``--packing false
 --fused_kernels false --trained_logits_only false``), each adapter evaluated the same way in a fresh
-process. Printed at the end: the worst cell, and with ``--breakdown`` where its step time goes and
-the bound its matmuls and attention alone set (the speed if everything else took no time).
+process. With ``--repeats N`` each cell's toolkit/TRL pair runs N times in turn and the cell keeps
+the median pair (the lower of the middle two for even N), every pair's ratio printed: one run's ratio
+moves 10-25% with this kind of VM's speed. Printed at the end: the worst cell, and with
+``--breakdown`` where its step time goes and the bound its matmuls and attention alone set (the speed
+if everything else took no time).
 
 Imported by ``benchmarks/bench_train.py``.
 """
@@ -98,7 +101,8 @@ def cell_steps(cell: Cell, tokens_per_conv: float) -> int:
 
 
 def run_matrix(args, run_child, tmp: Path) -> list[dict]:
-    """Every cell: toolkit defaults, TRL, toolkit with every lever off; returns one row per cell."""
+    """Every cell: toolkit defaults and TRL (``--repeats`` times, in turn), toolkit with every lever off;
+    returns one row per cell."""
     paths = write_workloads(tmp)
     lengths = {(d, n): mean_tokens(paths[d], n) for d in (SHORT, LONG) for n in {c.max_length for c in CELLS}}
     cells = [c for c in CELLS if not args.cells or any(s in c.name for s in args.cells.split(","))]
@@ -108,23 +112,33 @@ def run_matrix(args, run_child, tmp: Path) -> list[dict]:
         common = [f"--dataset_path={paths[cell.data]}", f"--max_length={cell.max_length}",
                   f"--batch_size={cell.batch_size}", f"--grad_accum={cell.grad_accum}", f"--max_steps={steps}",
                   f"--lr={args.lr}", f"--seed={args.seed}", "--epochs=100", *cell.lora_flags()]
-        row = {"cell": cell, "steps": steps, "flags": common}
-        for key, kind, extra in (("toolkit", "toolkit", []), ("trl", "trl", []),
-                                 ("levers_off", "toolkit", ["--no_packing", "--no_trained_logits",
-                                                            "--no_fused_kernels"])):
-            if key == "levers_off" and args.skip_heldout:
-                continue
-            adapter = f"--_adapter={tmp / 'adapter'}"
-            result = run_child(kind, args, common + extra + [adapter])
-            if key != "trl" and not args.skip_heldout:
-                result["eval_loss"] = run_child("eval", args, common + [adapter])["eval_loss"]
-            result["tokens_per_s"] = result["tokens"] / result["seconds"]
-            row[key] = result
-            _remove(tmp / "adapter")
-        row["ratio"] = row["toolkit"]["tokens_per_s"] / row["trl"]["tokens_per_s"]
+
+        # Toolkit and TRL in turn, so that a drift of the machine's speed (10-25% over minutes on a
+        # shared VM) lands on both sides of a pair; the cell's ratio is the median over the pairs.
+        pairs = [(_timed_run(run_child, args, tmp, common, "toolkit", evaluate=not args.skip_heldout and n == 0),
+                  _timed_run(run_child, args, tmp, common, "trl", evaluate=False)) for n in range(args.repeats)]
+        ratios = [ours["tokens_per_s"] / trl["tokens_per_s"] for ours, trl in pairs]
+        middle = sorted(range(len(pairs)), key=lambda n: ratios[n])[(len(pairs) - 1) // 2]  # lower middle if even
+        row = {"cell": cell, "steps": steps, "flags": common, "toolkit": pairs[middle][0], "trl": pairs[middle][1],
+               "ratio": ratios[middle], "ratios": ratios}
+        if not args.skip_heldout:
+            row["toolkit"]["eval_loss"] = pairs[0][0]["eval_loss"]
+            levers_off = common + ["--no_packing", "--no_trained_logits", "--no_fused_kernels"]
+            row["levers_off"] = _timed_run(run_child, args, tmp, levers_off, "toolkit", evaluate=True)
         rows.append(row)
         print(f"  [{i}/{len(cells)}] {format_row(row)}", flush=True)
     return rows
+
+
+def _timed_run(run_child, args, tmp: Path, flags: list[str], kind: str, evaluate: bool) -> dict:
+    """One trainer's run of a cell in its own process (and its adapter's held-out loss if ``evaluate``)."""
+    adapter = f"--_adapter={tmp / 'adapter'}"
+    result = run_child(kind, args, flags + [adapter])
+    if evaluate:
+        result["eval_loss"] = run_child("eval", args, flags + [adapter])["eval_loss"]
+    result["tokens_per_s"] = result["tokens"] / result["seconds"]
+    _remove(tmp / "adapter")
+    return result
 
 
 def _remove(path: Path) -> None:
@@ -137,6 +151,8 @@ def format_row(row: dict) -> str:
     ours, trl = row["toolkit"], row["trl"]
     text = (f"{row['cell'].name:34s} {row['steps']:3d} steps  toolkit {ours['tokens_per_s']:6.0f} tok/s  "
             f"TRL {trl['tokens_per_s']:5.0f} tok/s  {row['ratio']:5.2f}x")
+    if len(row.get("ratios", [])) > 1:
+        text += f" (median pair of {len(row['ratios'])}: " + ", ".join(f"{r:.2f}x" for r in row["ratios"]) + ")"
     if "levers_off" in row:
         off = row["levers_off"]
         change = (ours["eval_loss"] - off["eval_loss"]) / off["eval_loss"]

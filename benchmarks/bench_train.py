@@ -8,6 +8,7 @@
     python benchmarks/bench_train.py --only toolkit --ceiling     # the highest MFU this step could reach here
     python benchmarks/bench_train.py --matrix --breakdown  # 14 workload shapes vs TRL; the worst cell's step split and bound
     python benchmarks/bench_train.py --matrix --cells "short b1,long b16"   # some cells only
+    python benchmarks/bench_train.py --matrix --repeats 3   # each cell's pair 3 times in turn: the median pair
 
 Same model (embedded SmolLM2-135M-Instruct), conversations, LoRA config, batch size, max length,
 epochs/steps, learning rate and seed for both; TRL keeps its own defaults for everything else
@@ -167,7 +168,8 @@ def main() -> None:
                              "kernels: the highest MFU this step could reach on this machine")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the toolkit/TRL pair this many times, alternating, and compare medians "
-                             "(a shared or throttled machine drifts by 10-25%% over minutes)")
+                             "(a shared or throttled machine drifts by 10-25%% over minutes); with --matrix, "
+                             "each cell's pair, keeping the median pair")
     parser.add_argument("--only", choices=["toolkit", "trl"], default=None,
                         help="run just one side (no ratio); for quick checks")
     parser.add_argument("--matrix", action="store_true",

@@ -196,9 +196,16 @@ def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     allocations of a run (benchmarks/RESULTS.md)."""
     rows = head_chunk_rows(weight.shape[0])
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    # One fp32 buffer for every chunk of the call: cross_entropy on logits.float() would make two fresh
+    # (chunk, vocabulary) fp32 tensors per chunk, and fresh memory page-faults (benchmarks/RESULTS.md).
+    log_probs = None
     for start in range(0, hidden.shape[0], rows):
         logits = torch.nn.functional.linear(hidden[start:start + rows], weight)  # autocast casts as lm_head's
-        total += torch.nn.functional.cross_entropy(logits.float(), targets[start:start + rows], reduction="sum")
+        if log_probs is None:
+            log_probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        chunk = log_probs[:logits.shape[0]].copy_(logits)
+        torch.log_softmax(chunk, dim=-1, out=chunk)  # cross_entropy's log-softmax, in place
+        total -= chunk.gather(1, targets[start:start + rows, None]).sum()
     return total
 
 

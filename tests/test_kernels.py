@@ -325,7 +325,15 @@ def test_evaluation_loss_in_head_chunks_equals_the_model_logits(tiny_model_dir, 
         assert trainer.trained_token_loss(model, batch)[2] is not None
 
 
-def test_packed_attention_matches_numerical_gradients():
+@pytest.mark.parametrize("backward", ["flash", "blocked matmuls"])
+def test_packed_attention_matches_numerical_gradients(backward, monkeypatch):
+    from fine_tuning_llms.engine.kernels import attention
+
+    if backward == "blocked matmuls":  # every conversation, in blocks of 2 query rows (uneven ones too)
+        monkeypatch.setattr(attention, "MATMUL_BACKWARD_MIN", 1)
+        monkeypatch.setattr(attention, "BACKWARD_BLOCK_ROWS", 2)
+    else:
+        monkeypatch.setattr(attention, "MATMUL_BACKWARD_MIN", 10**9)
     torch.manual_seed(0)
     lengths, heads, kv_heads, dim = [3, 5, 2], 4, 2, 6
     length = sum(lengths)
@@ -337,6 +345,33 @@ def test_packed_attention_matches_numerical_gradients():
     cos, sin = angles.cos(), angles.sin()
     assert torch.autograd.gradcheck(
         lambda q, k, v: PackedAttentionFunction.apply(q, k, v, cos, sin, lengths, heads, kv_heads, 0.4), (q, k, v))
+
+
+def test_blocked_attention_backward_equals_the_flash_backward():
+    """Lengths either side of the threshold, grouped and plain heads, head dims of Llama-family models."""
+    from fine_tuning_llms.engine.kernels import attention
+
+    torch.manual_seed(0)
+    for heads, kv_heads, dim, lengths in [(9, 3, 64, [500, 70, 1, 200]), (4, 4, 32, [383, 384, 450]), (8, 2, 128, [400])]:
+        length = sum(lengths)
+        assert max(lengths) >= attention.MATMUL_BACKWARD_MIN
+        q, k, v = (torch.randn(length, n * dim, requires_grad=True) for n in (heads, kv_heads, kv_heads))
+        angles = torch.cat([torch.arange(n) for n in lengths])[:, None] * torch.rand(dim // 2)
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+        upstream = torch.randn(length, heads * dim)
+        grads, blocked_calls = [], []
+        for threshold in (10**9, attention.MATMUL_BACKWARD_MIN):  # flash for every piece, then the blocked one
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(attention, "MATMUL_BACKWARD_MIN", threshold)
+                calls = []
+                patch.setattr(attention, "_matmul_backward",
+                              lambda *a, _f=attention._matmul_backward, _c=calls: _c.append(1) or _f(*a))
+                out = PackedAttentionFunction.apply(q, k, v, cos, sin, lengths, heads, kv_heads, dim ** -0.5)
+                grads.append(torch.autograd.grad(out, (q, k, v), upstream))
+                blocked_calls.append(len(calls))
+        assert blocked_calls == [0, sum(n >= attention.MATMUL_BACKWARD_MIN for n in lengths)]
+        for blocked, flash in zip(grads[1], grads[0]):
+            torch.testing.assert_close(blocked, flash, rtol=1e-5, atol=1e-5 * float(flash.abs().max()))
 
 
 def packed_attention_model(model_dir, **lora):

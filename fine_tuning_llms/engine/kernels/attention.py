@@ -6,6 +6,12 @@ the layout changes around it. The autograd chain it replaces (views, transposes,
 concatenations, casts, a split and a concatenation per layer) has a fixed cost per op that the
 node does not pay; q and k are also rotated in fp32 instead of the compute dtype.
 
+The backward of a conversation of ``MATMUL_BACKWARD_MIN`` tokens or more runs as batched fp32
+matrix products over blocks of ``BACKWARD_BLOCK_ROWS`` query rows (``_matmul_backward``): the same
+sums as the flash kernel's backward, in fewer, larger products; at 512 tokens it took about two
+thirds of the flash backward's time here (benchmarks/RESULTS.md). Shorter conversations keep the
+flash backward, which is as fast or faster below ~384 tokens.
+
 The flash kernel is a private torch op: it is looked up when the node runs, never at import, and
 ``use_fused_kernels`` leaves attention alone (with one log line) where this torch build lacks it.
 """
@@ -17,6 +23,10 @@ from .guards import missing_ops
 
 # torch.ops.aten, looked up only when used: a torch build may lack them
 FLASH_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
+# Conversations this long or longer take the blocked backward below; the flash backward is as fast or
+# faster for shorter ones. Query rows per block: the block's scores stay small enough for the cache.
+MATMUL_BACKWARD_MIN = 384
+BACKWARD_BLOCK_ROWS = 64
 
 
 def flash_ops_missing() -> list[str]:
@@ -31,6 +41,45 @@ def _rotate(x, cos, sin):
     out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
     out[..., half:].addcmul_(x[..., :half], sin[..., half:])
     return out
+
+
+def _matmul_backward(grad, q, k, v, out, lse, scale: float, grad_q, grad_k, grad_v) -> None:
+    """Causal attention's input gradients for one conversation, written into grad_q, grad_k, grad_v.
+
+    grad, q, out, grad_q: (heads, L, D); k, v, grad_k, grad_v: (kv_heads, L, D), grad_k and
+    grad_v zero on entry; lse: (heads, L), the forward's log-sum-exp of each row's scores. Query
+    head h reads key/value head h // (heads / kv_heads), as transformers' repeat_kv lays them out,
+    so each key/value head's query heads stack into one (group * rows, D) matrix per product and
+    the products over a block sum the group's gradients for k and v by themselves. The softmax is
+    recomputed from lse block by block: rows [a, b) see keys [0, b), causal inside [a, b)."""
+    heads, length, dim = q.shape
+    kv_heads = k.shape[0]
+    # the pieces are strided views of (T, heads, D) tensors: contiguous copies make every block a
+    # plain view and every product a dense one
+    grad, q, k, v, out = (x.contiguous() for x in (grad, q, k, v, out))
+    group = heads // kv_heads
+    delta = (grad * out).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(dP * P)
+    blocks = max(1, round(length / BACKWARD_BLOCK_ROWS))
+    bounds = [length * i // blocks for i in range(blocks + 1)]
+    masks = {}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        n = b - a
+        if n not in masks:
+            masks[n] = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+        rows_q = q[:, a:b].reshape(kv_heads, group * n, dim)
+        rows_grad = grad[:, a:b].reshape(kv_heads, group * n, dim)
+        keys, values = k[:, :b], v[:, :b]
+        # P = exp(scale * q k^T - lse), zero above the diagonal
+        probs = torch.baddbmm(lse[:, a:b].reshape(kv_heads, group * n, 1), rows_q, keys.transpose(1, 2),
+                              beta=-1, alpha=scale).exp_()
+        probs.view(kv_heads, group, n, b)[..., a:].masked_fill_(masks[n], 0)
+        grad_v[:, :b].baddbmm_(probs.transpose(1, 2), rows_grad)
+        # dS = P * (dO v^T - delta)
+        grad_scores = torch.baddbmm(delta[:, a:b].reshape(kv_heads, group * n, 1), rows_grad,
+                                    values.transpose(1, 2), beta=-1).mul_(probs)
+        grad_q[:, a:b] = torch.bmm(grad_scores, keys).view(heads, n, dim)
+        grad_k[:, :b].baddbmm_(grad_scores.transpose(1, 2), rows_q, alpha=scale)
+    grad_q.mul_(scale)
 
 
 def _rotate_backward(grad, cos, sin):
@@ -83,10 +132,17 @@ class PackedAttentionFunction(torch.autograd.Function):
         outs, lses = saved[5:5 + pieces], saved[5 + pieces:]
         length, dim = grad.shape[0], cos.shape[-1]
         grad = grad.reshape(length, heads, dim).to(q.dtype).transpose(0, 1)  # (heads, T, D)
-        grads = [flash_backward(gi[None], qi[None], ki[None], vi[None], out, lse, 0.0, True, scale=scale)
-                 for gi, qi, ki, vi, out, lse in zip(grad.split(lengths, 1), q.split(lengths, 1),
-                                                     k.split(lengths, 1), v.split(lengths, 1), outs, lses)]
-        grad_q, grad_k, grad_v = (torch.cat([g[i][0] for g in grads], 1) for i in range(3))  # (n, T, D)
+        grad_q = q.new_empty(heads, length, dim)
+        grad_k, grad_v = q.new_zeros(kv_heads, length, dim), q.new_zeros(kv_heads, length, dim)
+        per_piece = zip(grad.split(lengths, 1), q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1),
+                        outs, lses, grad_q.split(lengths, 1), grad_k.split(lengths, 1), grad_v.split(lengths, 1))
+        for gi, qi, ki, vi, out, lse, gq, gk, gv in per_piece:
+            if gi.shape[1] >= MATMUL_BACKWARD_MIN:
+                _matmul_backward(gi, qi, ki, vi, out[0], lse[0], scale, gq, gk, gv)
+                continue
+            flash_grads = flash_backward(gi[None], qi[None], ki[None], vi[None], out, lse, 0.0, True, scale=scale)
+            for into, piece_grad in zip((gq, gk, gv), flash_grads):
+                into.copy_(piece_grad[0])
         grad_q, grad_k = _rotate_backward(grad_q, cos, sin), _rotate_backward(grad_k, cos, sin)
 
         def tokens_first(x, n):  # (n, T, D) -> (T, n * D) in the compute dtype

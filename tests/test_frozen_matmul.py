@@ -49,7 +49,11 @@ def test_fp32_products_go_through_onednn_and_equal_fp64_to_fp32_rounding(monkeyp
     written = frozen_input_grad(grad, weight, out=out[:37])
     assert written.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out[:37], reference(grad, weight), rtol=1e-5, atol=1e-5)
-    assert len(calls) == checked + 3
+    logits = torch.empty(40, 48)
+    written = frozen_linear(x, weight, out=logits[:37])
+    assert written.data_ptr() == logits.data_ptr()
+    torch.testing.assert_close(logits[:37], reference(x, weight.t()), rtol=1e-5, atol=1e-5)
+    assert len(calls) == checked + 4
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
@@ -60,6 +64,8 @@ def test_other_dtypes_keep_torchs_own_matmul(monkeypatch, dtype):
     assert torch.equal(frozen_input_grad(grad, weight), grad @ weight)
     out = torch.empty(5, 8, dtype=dtype)
     assert frozen_input_grad(grad, weight, out=out) is out and torch.equal(out, grad @ weight)
+    logits = torch.empty(5, 6, dtype=dtype)  # written in place, bit for bit F.linear's result
+    assert frozen_linear(x, weight, out=logits) is logits and torch.equal(logits, F.linear(x, weight))
     assert calls == []
 
 

@@ -201,7 +201,7 @@ def test_head_cross_entropy_matches_numerical_gradients_across_chunks():
 
 
 def test_bf16_head_reuses_its_buffers_and_no_result_aliases_them():
-    """In bf16 the head node's fp32 statistics and bf16 gradient live in buffers kept between calls:
+    """In bf16 the head node's bf16 logits, fp32 statistics and bf16 gradient live in buffers kept between calls:
     the loss and gradient equal the same maths on fresh tensors, and a later call with other rows
     (a smaller last chunk included) neither grows the buffers nor changes an earlier result."""
     from fine_tuning_llms.engine.kernels import buffers
@@ -228,11 +228,11 @@ def test_bf16_head_reuses_its_buffers_and_no_result_aliases_them():
     _, first_grad = run(10, 1)
     kept = first_grad.clone()
     pointers = {key: b.data_ptr() for key, b in buffers._buffers.items()}
-    assert {key[0] for key in pointers} == {"head_stats", "head_grad"}
+    assert {key[0] for key in pointers} == {"head_logits", "head_stats", "head_grad"}
     run(7, 2)
     assert {key: b.data_ptr() for key, b in buffers._buffers.items()} == pointers  # no new memory
     assert torch.equal(first_grad, kept)
-    assert buffers.release_buffers() == 4 * 50 * (4 + 2) and buffers._buffers == {}
+    assert buffers.release_buffers() == 4 * 50 * (2 + 4 + 2) and buffers._buffers == {}
 
 
 def packed_row(vocab: int):

@@ -29,12 +29,16 @@ class HeadCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             target = targets[rows]
-            logits = frozen_linear(hidden[rows], weight)               # (c, V) in the compute dtype
-            # The fp32 statistics and the compute-dtype gradient go into buffers reused across chunks
-            # and steps: fresh (c, V) tensors cost more in page faults than the softmax itself
-            # (benchmarks/RESULTS.md). Every pass below is in place on one of the two.
-            log_probs = logits if dtype == stats else reused_buffer("head_stats", stats, logits.shape,
-                                                                    logits.device).copy_(logits)
+            # In bf16/fp16 the logits, the fp32 statistics and the gradient go into buffers reused
+            # across chunks and steps: fresh (c, V) tensors cost more in page faults than the softmax
+            # itself (benchmarks/RESULTS.md). Every pass below is in place on one of them. In fp32
+            # the fresh logits are the statistics (oneDNN's product cannot write into a buffer).
+            shape, device = (hidden[rows].shape[0], weight.shape[0]), hidden.device
+            if dtype == stats:
+                logits = log_probs = frozen_linear(hidden[rows], weight)
+            else:
+                logits = frozen_linear(hidden[rows], weight, out=reused_buffer("head_logits", dtype, shape, device))
+                log_probs = reused_buffer("head_stats", stats, shape, device).copy_(logits)
             torch.log_softmax(log_probs, dim=-1, out=log_probs)
             total -= log_probs.gather(1, target[:, None]).sum()
             grad_logits = log_probs.exp_()                            # softmax

@@ -7,8 +7,9 @@
    (``PackedWeight``), and why fp32 products skip MKL.
 2. ``--attention``: causal attention forward + backward of one conversation (SmolLM2's 9 query and
    3 key/value heads of 64) with torch's CPU flash kernel in fp32 (what the packed attention node
-   runs) and bf16, and a matmul-based attention (scores, mask, softmax, values) in fp32 and bf16.
-   Why the long matrix cells cannot reach 3.0x TRL by a cheaper attention.
+   runs below ``MATMUL_BACKWARD_MIN`` tokens) and bf16, the flash forward with the node's blocked
+   fp32 matmul backward (what it runs from that length on), and a matmul-based attention (scores,
+   mask, softmax, values) in fp32 and bf16. Why the node's backward switches where it does.
 
     python benchmarks/bench_kernels.py                 # both (about a minute, idle machine)
     python benchmarks/bench_kernels.py --matmuls --rows 300,900
@@ -94,11 +95,35 @@ def matmul_attention(q, k, v, scale: float):
     return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
 
 
+class FlashForwardBlockedBackward(torch.autograd.Function):
+    """The packed attention node's attention alone: flash forward, the blocked matmul backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from fine_tuning_llms.engine.kernels.attention import _matmul_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_q, grad_k, grad_v = torch.empty_like(q[0]), torch.zeros_like(k[0]), torch.zeros_like(v[0])
+        _matmul_backward(grad[0], q[0], k[0], v[0], out[0], lse[0], ctx.scale, grad_q, grad_k, grad_v)
+        return grad_q[None], grad_k[None], grad_v[None], None
+
+
 def attention(lengths: list[int], calls: int, repeats: int, heads: int = 9, kv_heads: int = 3, dim: int = 64) -> None:
+    from fine_tuning_llms.engine.kernels.attention import MATMUL_BACKWARD_MIN
+
     scale = dim ** -0.5
     kinds = {
-        "flash fp32 (used)": (torch.float32, lambda q, k, v: F.scaled_dot_product_attention(
+        f"flash fp32 (used below {MATMUL_BACKWARD_MIN})": (torch.float32, lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scale, enable_gqa=True)),
+        f"flash fp32, blocked backward (used from {MATMUL_BACKWARD_MIN})": (
+            torch.float32, lambda q, k, v: FlashForwardBlockedBackward.apply(q, k, v, scale)),
         "flash bf16": (torch.bfloat16, lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scale, enable_gqa=True)),
         "matmul-based fp32": (torch.float32, lambda q, k, v: matmul_attention(q, k, v, scale)),
@@ -126,7 +151,7 @@ def main() -> None:
     parser.add_argument("--matmuls", action="store_true", help="only the packed vs plain matmuls")
     parser.add_argument("--attention", action="store_true", help="only the attention kernels")
     parser.add_argument("--rows", default="300,900", help="token rows of the matmuls")
-    parser.add_argument("--lengths", default="256,512,768,1024", help="conversation lengths for attention")
+    parser.add_argument("--lengths", default="256,384,512,768,1024", help="conversation lengths for attention")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="matmul dtype")
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)

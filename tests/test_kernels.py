@@ -325,8 +325,9 @@ def test_evaluation_loss_in_head_chunks_equals_the_model_logits(tiny_model_dir, 
         assert trainer.trained_token_loss(model, batch)[2] is not None
 
 
+@pytest.mark.parametrize("lengths", [[3, 5, 2], [4, 4, 4, 2, 3, 3]])  # the second has runs of equal length
 @pytest.mark.parametrize("backward", ["flash", "blocked matmuls"])
-def test_packed_attention_matches_numerical_gradients(backward, monkeypatch):
+def test_packed_attention_matches_numerical_gradients(backward, lengths, monkeypatch):
     from fine_tuning_llms.engine.kernels import attention
 
     if backward == "blocked matmuls":  # every conversation, in blocks of 2 query rows (uneven ones too)
@@ -335,7 +336,7 @@ def test_packed_attention_matches_numerical_gradients(backward, monkeypatch):
     else:
         monkeypatch.setattr(attention, "MATMUL_BACKWARD_MIN", 10**9)
     torch.manual_seed(0)
-    lengths, heads, kv_heads, dim = [3, 5, 2], 4, 2, 6
+    heads, kv_heads, dim = 4, 2, 6
     length = sum(lengths)
     q = torch.randn(length, heads * dim, dtype=torch.float64, requires_grad=True)
     k = torch.randn(length, kv_heads * dim, dtype=torch.float64, requires_grad=True)
@@ -372,6 +373,38 @@ def test_blocked_attention_backward_equals_the_flash_backward():
         assert blocked_calls == [0, sum(n >= attention.MATMUL_BACKWARD_MIN for n in lengths)]
         for blocked, flash in zip(grads[1], grads[0]):
             torch.testing.assert_close(blocked, flash, rtol=1e-5, atol=1e-5 * float(flash.abs().max()))
+
+
+def test_equal_length_runs():
+    from fine_tuning_llms.engine.kernels.attention import equal_length_runs
+
+    assert equal_length_runs([5, 5, 5, 3, 3, 7, 5]) == [(0, 5, 3), (15, 3, 2), (21, 7, 1), (28, 5, 1)]
+    assert equal_length_runs([256] * 4) == [(0, 256, 4)]
+    assert equal_length_runs([1]) == [(0, 1, 1)]
+
+
+def test_runs_of_equal_conversations_give_each_conversations_own_result():
+    """A run of equal-length conversations goes to the kernels as one batch: the output and the
+    gradients equal the node's on each conversation alone, bit for bit (flash and blocked backward)."""
+    torch.manual_seed(0)
+    for heads, kv_heads, dim, lengths in [(9, 3, 64, [256] * 4), (9, 3, 64, [400, 400, 100]),
+                                          (4, 2, 16, [5, 5, 5, 3, 3, 7])]:
+        length, scale = sum(lengths), dim ** -0.5
+        q, k, v = (torch.randn(length, n * dim, requires_grad=True) for n in (heads, kv_heads, kv_heads))
+        angles = torch.cat([torch.arange(n) for n in lengths])[:, None] * torch.rand(dim // 2)
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+        upstream = torch.randn(length, heads * dim)
+        out = PackedAttentionFunction.apply(q, k, v, cos, sin, lengths, heads, kv_heads, scale)
+        grads = torch.autograd.grad(out, (q, k, v), upstream)
+        start = 0
+        for n in lengths:
+            rows = slice(start, start + n)
+            start += n
+            alone = [x.detach()[rows].clone().requires_grad_() for x in (q, k, v)]
+            out_alone = PackedAttentionFunction.apply(*alone, cos[rows], sin[rows], [n], heads, kv_heads, scale)
+            assert torch.equal(out[rows], out_alone)
+            for together, by_itself in zip(grads, torch.autograd.grad(out_alone, alone, upstream[rows])):
+                assert torch.equal(together[rows], by_itself)
 
 
 def packed_attention_model(model_dir, **lora):

@@ -12,6 +12,10 @@ sums as the flash kernel's backward, in fewer, larger products; at 512 tokens it
 thirds of the flash backward's time here (benchmarks/RESULTS.md). Shorter conversations keep the
 flash backward, which is as fast or faster below ~384 tokens.
 
+Consecutive conversations of equal length (a row of conversations cut at max_length) go to the
+flash kernel as one batch: its backward spreads a call's (conversation, head) pairs over the
+threads, and one conversation's 9 heads split unevenly over 2 threads.
+
 The flash kernel is a private torch op: it is looked up when the node runs, never at import, and
 ``use_fused_kernels`` leaves attention alone (with one log line) where this torch build lacks it.
 """
@@ -82,6 +86,25 @@ def _matmul_backward(grad, q, k, v, out, lse, scale: float, grad_q, grad_k, grad
     grad_q.mul_(scale)
 
 
+def equal_length_runs(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """(first token, length, count) of each run of consecutive conversations of equal length: a row of
+    conversations cut at max_length is one run, and the flash kernel takes a run as one batch (its
+    backward spreads a batch's heads over the threads, one conversation's 9 heads unevenly on 2)."""
+    runs, start = [], 0
+    for n in lengths:
+        if runs and runs[-1][1] == n:
+            runs[-1][2] += 1
+        else:
+            runs.append([start, n, 1])
+        start += n
+    return [tuple(r) for r in runs]
+
+
+def _run(x, start: int, n: int, count: int):
+    """A run of ``count`` conversations of ``n`` tokens from x (heads, T, D): a (count, heads, n, D) view."""
+    return x[:, start:start + n * count].unflatten(1, (count, n)).transpose(0, 1)
+
+
 def _rotate_backward(grad, cos, sin):
     """Gradient of ``_rotate`` with respect to x, computed in place of grad."""
     half = grad.shape[-1] // 2
@@ -112,37 +135,36 @@ class PackedAttentionFunction(torch.autograd.Function):
 
         q, k, v = _rotate(heads_first(q, heads), cos, sin), _rotate(heads_first(k, kv_heads), cos, sin), \
             heads_first(v, kv_heads)
+        runs = equal_length_runs(lengths)
         outs, lses = [], []
-        for qi, ki, vi in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1)):
-            out, lse = flash(qi[None], ki[None], vi[None], 0.0, True, scale=scale)
+        for start, n, count in runs:  # a run of equal conversations is one batched call
+            out, lse = flash(*(_run(x, start, n, count) for x in (q, k, v)), 0.0, True, scale=scale)
             outs.append(out)
             lses.append(lse)
         ctx.save_for_backward(q, k, v, cos, sin, *outs, *lses)
-        ctx.meta = (lengths, heads, kv_heads, scale, dtype)
-        # (1, heads, L, D) pieces -> (T, heads * D)
-        return torch.cat([o[0].transpose(0, 1) for o in outs]).view(length, heads * dim).to(dtype)
+        ctx.meta = (runs, heads, kv_heads, scale, dtype)
+        # (count, heads, L, D) runs -> (T, heads * D)
+        return torch.cat([o.transpose(1, 2).reshape(-1, heads, dim) for o in outs]).view(length, heads * dim).to(dtype)
 
     @staticmethod
     def backward(ctx, grad):
         flash_backward = getattr(torch.ops.aten, FLASH_OPS[1])
-        lengths, heads, kv_heads, scale, dtype = ctx.meta
+        runs, heads, kv_heads, scale, dtype = ctx.meta
         saved = ctx.saved_tensors  # read once: under activation checkpointing each read unpacks (recomputes)
         q, k, v, cos, sin = saved[:5]
-        pieces = len(lengths)
-        outs, lses = saved[5:5 + pieces], saved[5 + pieces:]
+        outs, lses = saved[5:5 + len(runs)], saved[5 + len(runs):]
         length, dim = grad.shape[0], cos.shape[-1]
         grad = grad.reshape(length, heads, dim).to(q.dtype).transpose(0, 1)  # (heads, T, D)
         grad_q = q.new_empty(heads, length, dim)
         grad_k, grad_v = q.new_zeros(kv_heads, length, dim), q.new_zeros(kv_heads, length, dim)
-        per_piece = zip(grad.split(lengths, 1), q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1),
-                        outs, lses, grad_q.split(lengths, 1), grad_k.split(lengths, 1), grad_v.split(lengths, 1))
-        for gi, qi, ki, vi, out, lse, gq, gk, gv in per_piece:
-            if gi.shape[1] >= MATMUL_BACKWARD_MIN:
-                _matmul_backward(gi, qi, ki, vi, out[0], lse[0], scale, gq, gk, gv)
+        for (start, n, count), out, lse in zip(runs, outs, lses):
+            gi, qi, ki, vi, gq, gk, gv = (_run(x, start, n, count) for x in (grad, q, k, v, grad_q, grad_k, grad_v))
+            if n >= MATMUL_BACKWARD_MIN:
+                for i in range(count):
+                    _matmul_backward(gi[i], qi[i], ki[i], vi[i], out[i], lse[i], scale, gq[i], gk[i], gv[i])
                 continue
-            flash_grads = flash_backward(gi[None], qi[None], ki[None], vi[None], out, lse, 0.0, True, scale=scale)
-            for into, piece_grad in zip((gq, gk, gv), flash_grads):
-                into.copy_(piece_grad[0])
+            for into, run_grad in zip((gq, gk, gv), flash_backward(gi, qi, ki, vi, out, lse, 0.0, True, scale=scale)):
+                into.copy_(run_grad)
         grad_q, grad_k = _rotate_backward(grad_q, cos, sin), _rotate_backward(grad_k, cos, sin)
 
         def tokens_first(x, n):  # (n, T, D) -> (T, n * D) in the compute dtype

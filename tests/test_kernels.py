@@ -325,6 +325,16 @@ def test_evaluation_loss_in_head_chunks_equals_the_model_logits(tiny_model_dir, 
         assert trainer.trained_token_loss(model, batch)[2] is not None
 
 
+def attention_inputs(lengths: list[int], heads: int, kv_heads: int, dim: int, dtype=torch.float32):
+    """Random q, k, v (tokens, heads * dim) with gradients, and the rotary cos, sin of a packed row
+    whose positions restart at each conversation."""
+    length = sum(lengths)
+    q, k, v = (torch.randn(length, n * dim, dtype=dtype, requires_grad=True) for n in (heads, kv_heads, kv_heads))
+    angles = torch.cat([torch.arange(n) for n in lengths])[:, None] * torch.rand(dim // 2, dtype=dtype)
+    angles = torch.cat([angles, angles], -1)
+    return q, k, v, angles.cos(), angles.sin()
+
+
 @pytest.mark.parametrize("lengths", [[3, 5, 2], [4, 4, 4, 2, 3, 3]])  # the second has runs of equal length
 @pytest.mark.parametrize("backward", ["flash", "blocked matmuls"])
 def test_packed_attention_matches_numerical_gradients(backward, lengths, monkeypatch):
@@ -336,14 +346,8 @@ def test_packed_attention_matches_numerical_gradients(backward, lengths, monkeyp
     else:
         monkeypatch.setattr(attention, "MATMUL_BACKWARD_MIN", 10**9)
     torch.manual_seed(0)
-    heads, kv_heads, dim = 4, 2, 6
-    length = sum(lengths)
-    q = torch.randn(length, heads * dim, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(length, kv_heads * dim, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(length, kv_heads * dim, dtype=torch.float64, requires_grad=True)
-    angles = torch.cat([torch.arange(n) for n in lengths])[:, None] * torch.rand(dim // 2, dtype=torch.float64)
-    angles = torch.cat([angles, angles], -1)
-    cos, sin = angles.cos(), angles.sin()
+    heads, kv_heads = 4, 2
+    q, k, v, cos, sin = attention_inputs(lengths, heads, kv_heads, 6, torch.float64)
     assert torch.autograd.gradcheck(
         lambda q, k, v: PackedAttentionFunction.apply(q, k, v, cos, sin, lengths, heads, kv_heads, 0.4), (q, k, v))
 
@@ -354,12 +358,9 @@ def test_blocked_attention_backward_equals_the_flash_backward():
 
     torch.manual_seed(0)
     for heads, kv_heads, dim, lengths in [(9, 3, 64, [500, 70, 1, 200]), (4, 4, 32, [383, 384, 450]), (8, 2, 128, [400])]:
-        length = sum(lengths)
         assert max(lengths) >= attention.MATMUL_BACKWARD_MIN
-        q, k, v = (torch.randn(length, n * dim, requires_grad=True) for n in (heads, kv_heads, kv_heads))
-        angles = torch.cat([torch.arange(n) for n in lengths])[:, None] * torch.rand(dim // 2)
-        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-        upstream = torch.randn(length, heads * dim)
+        q, k, v, cos, sin = attention_inputs(lengths, heads, kv_heads, dim)
+        upstream = torch.randn(sum(lengths), heads * dim)
         grads, blocked_calls = [], []
         for threshold in (10**9, attention.MATMUL_BACKWARD_MIN):  # flash for every piece, then the blocked one
             with pytest.MonkeyPatch.context() as patch:
@@ -389,11 +390,9 @@ def test_runs_of_equal_conversations_give_each_conversations_own_result():
     torch.manual_seed(0)
     for heads, kv_heads, dim, lengths in [(9, 3, 64, [256] * 4), (9, 3, 64, [400, 400, 100]),
                                           (4, 2, 16, [5, 5, 5, 3, 3, 7])]:
-        length, scale = sum(lengths), dim ** -0.5
-        q, k, v = (torch.randn(length, n * dim, requires_grad=True) for n in (heads, kv_heads, kv_heads))
-        angles = torch.cat([torch.arange(n) for n in lengths])[:, None] * torch.rand(dim // 2)
-        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-        upstream = torch.randn(length, heads * dim)
+        scale = dim ** -0.5
+        q, k, v, cos, sin = attention_inputs(lengths, heads, kv_heads, dim)
+        upstream = torch.randn(sum(lengths), heads * dim)
         out = PackedAttentionFunction.apply(q, k, v, cos, sin, lengths, heads, kv_heads, scale)
         grads = torch.autograd.grad(out, (q, k, v), upstream)
         start = 0

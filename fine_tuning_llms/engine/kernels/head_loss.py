@@ -33,10 +33,10 @@ class HeadCrossEntropyFunction(torch.autograd.Function):
             # across chunks and steps: fresh (c, V) tensors cost more in page faults than the softmax
             # itself (benchmarks/RESULTS.md). Every pass below is in place on one of them. In fp32
             # the fresh logits are the statistics (oneDNN's product cannot write into a buffer).
-            shape, device = (hidden[rows].shape[0], weight.shape[0]), hidden.device
             if dtype == stats:
                 logits = log_probs = frozen_linear(hidden[rows], weight)
             else:
+                shape, device = (len(target), weight.shape[0]), hidden.device
                 logits = frozen_linear(hidden[rows], weight, out=reused_buffer("head_logits", dtype, shape, device))
                 log_probs = reused_buffer("head_stats", stats, shape, device).copy_(logits)
             torch.log_softmax(log_probs, dim=-1, out=log_probs)

@@ -23,7 +23,7 @@ from typing import Optional, get_args, get_origin
 import yaml
 
 from .engine.config import TASKS_IN_ORDER, Config, group_fields
-from .engine.distributed import is_main_process, quiet_other_ranks
+from .engine.distributed import close_process_group, is_main_process, quiet_other_ranks
 from .engine.errors import UserError
 from .engine.outputs import TaskOutputs
 from .engine.run_lock import output_lock
@@ -332,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
         print("interrupted: finished outputs were kept; partial files were not written", file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
     return 0
 
 

@@ -158,8 +158,8 @@ def describe_launch(trainer) -> str | None:
 def close_process_group() -> None:
     """Destroy the launch's process group before the interpreter exits. Left to interpreter shutdown,
     gloo's worker threads are torn down while still joinable and a rank can abort with "terminate
-    called without an active exception" after its work is done (seen once in five test runs here;
-    pytorch/pytorch#190489). A local call on every backend, so it is safe on the error path too."""
+    called without an active exception" after its work is done (pytorch/pytorch#190489), which fails
+    the whole launch. A local call, no collective, so it is safe on the error path too."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -35,7 +35,7 @@ from .engine.distributed import (
 )
 from .engine.errors import UserError
 from .engine.lora import prepare_peft_model
-from .engine.memory_plan import check_fits
+from .engine.memory_plan import check_fits, training_passes
 from .engine.models import count_parameters, load_model, load_tokenizer, pick_device, resolve_model
 from .engine.outputs import TaskOutputs
 from .engine.precision import autocast_dtype, mixed_precision, training_model_config
@@ -163,6 +163,18 @@ def steps_per_epoch(examples: int, args) -> int:
                                   * args.world_size)))
 
 
+def packs_weights(cfg: Config, device, examples: int) -> bool:
+    """``--pack_weights``, except for a CPU run too short to make the packed copies back (one line says so)."""
+    from .engine.kernels import lora_linear
+
+    passes = training_passes(cfg.train, examples)
+    if cfg.train.pack_weights and device.type == "cpu" and not lora_linear.packing_pays(passes):
+        log.info("Packed weights off: this run's %g forward/backward passes are fewer than the %d that making the "
+                 "copies pays back over", passes, lora_linear.PACK_MIN_PASSES)
+        return False
+    return cfg.train.pack_weights
+
+
 def run(cfg: Config) -> dict:
     from transformers import set_seed
 
@@ -213,8 +225,9 @@ def run(cfg: Config) -> dict:
             log.info("Fused kernels: off under FSDP (they keep whole-weight copies in every process)")
     if fused:
         from .engine.kernels import use_fused_kernels
+        pack = packs_weights(cfg, device, len(train_set.examples))
         log.info("Fused kernels: %d LoRA/attention/RMSNorm layers (and the vocabulary head with the loss) train "
-                 "through one autograd node each", use_fused_kernels(model, pack_weights=cfg.train.pack_weights))
+                 "through one autograd node each", use_fused_kernels(model, pack_weights=pack))
     trainable, total = count_parameters(model)
     log.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     log.info("Resolved settings:\n%s", format_settings(cfg))

@@ -192,6 +192,23 @@ def test_torchrun_two_processes_save_one_adapter(tiny_model_dir, train_data, tmp
     assert json.loads((out / "final_model" / "metrics.json").read_text())["global_steps"] == 4
 
 
+def test_a_run_too_short_to_pay_for_packed_copies_makes_none_and_says_so(tiny_model_dir, train_data, tmp_path,
+                                                                         monkeypatch, caplog):
+    from fine_tuning_llms.engine import kernels
+
+    if not kernels.weight_packing_available(torch.float32):
+        pytest.skip("this torch build cannot pack weights")
+    released, release = [], kernels.release_packed_weights
+    monkeypatch.setattr(kernels, "release_packed_weights", lambda model: released.append(release(model)))
+    args = train_args(tiny_model_dir, train_data, tmp_path / "run", "--max_steps", "2", "--dtype", "float32",
+                      "--grad_accum", "3")
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    assert released == [0]  # no copy was made
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Packed weights off")]
+    assert len(lines) == 1 and "6 forward/backward passes" in lines[0] and f"{kernels.PACK_MIN_PASSES}" in lines[0]
+
+
 def test_speed_levers_do_not_change_the_losses(tiny_model_dir, train_data, tmp_path, monkeypatch):
     """Packing + trained-positions-only logits + fused nodes vs plain padded batches: same per-step losses."""
     from fine_tuning_llms.engine import kernels
@@ -206,6 +223,7 @@ def test_speed_levers_do_not_change_the_losses(tiny_model_dir, train_data, tmp_p
     monkeypatch.setattr(ChatTrainer, "compute_loss",
                         lambda self, *a, **k: micro_batches.append(1) or compute_loss(self, *a, **k))
     common = ("--max_steps", "4", "--lora_dropout", "0", "--dtype", "float32", "--grad_accum", "2")
+    monkeypatch.setattr(kernels.lora_linear, "PACK_MIN_PASSES", 8)  # this run's 8 passes make the packed copies
     fast, plain = tmp_path / "fast", tmp_path / "plain"
     assert main(train_args(tiny_model_dir, train_data, fast, *common)) == 0
     # every training micro-batch took the fused head, and so did the packing self-check (once)

@@ -149,11 +149,17 @@ def test_pack_weights_false_leaves_the_packed_copy_out_and_is_named_first(tiny_m
     cfg = Config()
     cfg.model.dtype = "float32"
     lengths, device = [200] * 32, torch.device("cpu")
+    cfg.train.epochs = 20  # 80 passes of 8: long enough to make the packed copies (PACK_MIN_PASSES)
     packed = plan_training(cfg, str(tiny_model_dir), lengths, device)
     unpacked_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pack_weights=False))
     unpacked = plan_training(unpacked_cfg, str(tiny_model_dir), lengths, device)
     copies = packed.parts["packed weights"]
     assert copies > 0 and unpacked.parts["packed weights"] == 0
+    for short in ({"epochs": 2}, {"max_steps": 15, "grad_accum": 2}):  # 8 and 30 passes: no copy is made
+        short_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **short))
+        assert plan_training(short_cfg, str(tiny_model_dir), lengths, device).parts["packed weights"] == 0, short
+    long_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=16, grad_accum=2))  # 32
+    assert plan_training(long_cfg, str(tiny_model_dir), lengths, device).parts["packed weights"] == copies
     assert packed.training - unpacked.training == pytest.approx(copies)
     # a limit that only dropping the copy meets (the quarter rule still lets the copy be planned)
     limit = (packed.training - copies / 2) / 1024 ** 3

@@ -109,7 +109,8 @@ class TrainConfig:
                             "reordered for oneDNN while training (the input gradient's matmul then skips a "
                             "reorder at every call: 3-22%% faster there in bf16; 2.5-11%% a step on the 1B "
                             "shape in fp32; freed after; made only where it takes at most a quarter of the "
-                            "free memory). --pack_weights false "
+                            "free memory, and only for runs of 32 or more forward/backward passes: making "
+                            "it costs about what tens of passes save). --pack_weights false "
                             "saves that copy (1x the frozen weights' size); the plan names it when a run "
                             "does not fit.")
     gradient_checkpointing: bool = _f(False, "Recompute each decoder layer's activations in the backward pass "

@@ -187,6 +187,16 @@ def file_bytes(location: str) -> float:
     return float(sum(f.stat().st_size for f in folder.glob("*.safetensors"))) if folder.is_dir() else 0.0
 
 
+def training_passes(train, examples: int) -> float:
+    """Forward/backward passes (micro-batches) a run makes: ``max_steps`` x ``grad_accum``, else the
+    epochs' batches of ``examples``."""
+    import math
+
+    if train.max_steps > 0:
+        return train.max_steps * train.grad_accum
+    return train.epochs * math.ceil(examples / train.batch_size)
+
+
 def largest_step_tokens(lengths: list[int], batch_size: int, packed: bool, steps: int | None = None,
                         orders: int = 5) -> tuple[int, int]:
     """(tokens, row length) of the largest micro-batch a run meets: the batches of a few seeded
@@ -240,10 +250,11 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     lora_params = sum(t.lora_r * (m.in_features + m.out_features) for _, m in targets)
     trainable = 16.0 * lora_params  # fp32 weight, gradient, AdamW's two moments
     packed_copies = 0.0
+    micro_steps = t.max_steps * t.grad_accum if t.max_steps > 0 else None
     if t.fused_kernels and t.pack_weights and on_cpu and not quant:
-        from .kernels import packed_bytes, packing_fits, weight_packing_available
+        from .kernels import packed_bytes, packing_fits, packing_pays, weight_packing_available
 
-        if weight_packing_available(weight_dtype):
+        if weight_packing_available(weight_dtype) and packing_pays(training_passes(t, len(lengths))):
             copies = float(sum(packed_bytes(torch.empty(m.weight.shape, dtype=weight_dtype, device="meta"))
                                for _, m in targets if m.bias is None))
             import psutil
@@ -251,7 +262,6 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
             free = limit_gb * 1024 ** 3 if limit_gb else psutil.virtual_memory().available
             if packing_fits(copies, free):  # the rule use_fused_kernels applies
                 packed_copies = copies
-    micro_steps = t.max_steps * t.grad_accum if t.max_steps > 0 else None
     step_tokens, row = largest_step_tokens(lengths, t.batch_size, packed, micro_steps)
     if packed:  # the packing self-check runs its conversations as one row, with gradients, before training
         from .batching import check_examples

@@ -37,12 +37,14 @@ from .guards import BITSANDBYTES_TESTED, TESTED_VERSIONS, bitsandbytes_tested, f
 from .head_loss import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
 from .int8_lora import Int8LoraLinearFunction, int8_adapter, int8_lora_forward
 from .lora_linear import (
+    PACK_MIN_PASSES,
     PACKING_OPS,
     LoraLinearFunction,
     PackedWeight,
     lora_linear_forward,
     packed_bytes,
     packing_fits,
+    packing_pays,
     plain_adapter,
     weight_packing_available,
 )
@@ -50,6 +52,7 @@ from .nf4_lora import Nf4LoraLinearFunction, dequantize_self_check, nf4_adapter,
 from .rmsnorm import RMSNormFunction, rmsnorm_forward
 
 __all__ = [
+    "PACK_MIN_PASSES",
     "TESTED_VERSIONS",
     "HeadCrossEntropyFunction",
     "Int8LoraLinearFunction",
@@ -62,6 +65,7 @@ __all__ = [
     "head_for_fused_loss",
     "packed_bytes",
     "packing_fits",
+    "packing_pays",
     "release_buffers",
     "release_packed_weights",
     "use_fused_kernels",

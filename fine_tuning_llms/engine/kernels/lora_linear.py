@@ -26,6 +26,10 @@ from .frozen_matmul import frozen_input_grad, frozen_linear
 from .guards import missing_ops, private_op
 
 PACKING_OPS = ("_reorder_linear_weight", "_linear_pointwise")  # torch.ops.mkldnn, looked up when used
+# Making the packed copies (an allocation and a reorder of every frozen weight, first touched) took
+# 0.25-1 s on the embedded model here, and they save ~15-30 ms per forward/backward pass
+# (benchmarks/RESULTS.md): they pay back over some tens of passes, so shorter runs do not make them.
+PACK_MIN_PASSES = 32
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -98,6 +102,11 @@ class PackedWeight:
 def packed_bytes(weight: torch.Tensor) -> int:
     """Memory the packed copy of ``weight`` takes while training (a meta tensor works too)."""
     return weight.numel() * weight.element_size()
+
+
+def packing_pays(passes: float) -> bool:
+    """Whether a run of ``passes`` forward/backward passes makes the packed copies back."""
+    return passes >= PACK_MIN_PASSES
 
 
 def packing_fits(extra: float, available: float | None) -> bool:

@@ -163,18 +163,6 @@ def steps_per_epoch(examples: int, args) -> int:
                                   * args.world_size)))
 
 
-def packs_weights(cfg: Config, device, examples: int) -> bool:
-    """``--pack_weights``, except for a CPU run too short to make the packed copies back (one line says so)."""
-    from .engine.kernels import lora_linear
-
-    passes = training_passes(cfg.train, examples)
-    if cfg.train.pack_weights and device.type == "cpu" and not lora_linear.packing_pays(passes):
-        log.info("Packed weights off: this run's %g forward/backward passes are fewer than the %d that making the "
-                 "copies pays back over", passes, lora_linear.PACK_MIN_PASSES)
-        return False
-    return cfg.train.pack_weights
-
-
 def run(cfg: Config) -> dict:
     from transformers import set_seed
 
@@ -224,8 +212,8 @@ def run(cfg: Config) -> dict:
         if cfg.train.fused_kernels:
             log.info("Fused kernels: off under FSDP (they keep whole-weight copies in every process)")
     if fused:
-        from .engine.kernels import use_fused_kernels
-        pack = packs_weights(cfg, device, len(train_set.examples))
+        from .engine.kernels import packing_for_run, use_fused_kernels
+        pack = packing_for_run(cfg.train.pack_weights, training_passes(cfg.train, len(train_set.examples)), device)
         log.info("Fused kernels: %d LoRA/attention/RMSNorm layers (and the vocabulary head with the loss) train "
                  "through one autograd node each", use_fused_kernels(model, pack_weights=pack))
     trainable, total = count_parameters(model)

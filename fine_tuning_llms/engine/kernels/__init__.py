@@ -65,6 +65,7 @@ __all__ = [
     "head_for_fused_loss",
     "packed_bytes",
     "packing_fits",
+    "packing_for_run",
     "packing_pays",
     "release_buffers",
     "release_packed_weights",
@@ -113,6 +114,16 @@ def _weight_packing_fits(lora_layers: list) -> bool:
                  extra / 1e9, available / 1e9)
         return False
     return True
+
+
+def packing_for_run(requested: bool, passes: float, device: torch.device) -> bool:
+    """``--pack_weights`` for a run of ``passes`` forward/backward passes: off (one line says so) for a
+    CPU run too short to make the packed copies back."""
+    if requested and device.type == "cpu" and not packing_pays(passes):
+        log.info("Packed weights off: this run's %g forward/backward passes are fewer than the %d that making the "
+                 "copies pays back over", passes, PACK_MIN_PASSES)
+        return False
+    return requested
 
 
 def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:

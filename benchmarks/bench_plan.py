@@ -7,7 +7,8 @@ in fp32 / bf16 / 8-bit / 4-bit, batch 1 and 8.
     python benchmarks/bench_plan.py --largest 16          # which Llama sizes the plan says train in 16 GB
 
 Each row is one ``run_fine_tuning.py --task train --max_steps 3`` in its own process; its peak RSS
-is that process's ``ru_maxrss``, and the prediction is the plan the run itself printed and saved
+is that process's own (``memory_plan.peak_rss_mb``: VmHWM, not the ``ru_maxrss`` a child inherits from
+its parent), and the prediction is the plan the run itself printed and saved
 (``final_model/metrics.json``, ``memory_plan``). "bf16" is the CPU default here (--dtype auto:
 bf16 weights and autocast where the CPU computes bf16); "fp32" is --dtype float32.
 """
@@ -39,7 +40,7 @@ def measure(model: str, mode: str, batch: int, extra: list[str]) -> dict:
         if proc.returncode != 0:
             return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
         metrics = json.loads((Path(tmp) / "out" / "final_model" / "metrics.json").read_text())
-        return {"measured_mb": int(rss.read_text()) / 1024, "plan": metrics["memory_plan"],
+        return {"measured_mb": float(rss.read_text()), "plan": metrics["memory_plan"],
                 "tokens_per_s": metrics["tokens_per_s"]}
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -187,6 +186,8 @@ def main() -> None:
 
     if args._child:
         import logging
+
+        from fine_tuning_llms.engine.memory_plan import peak_rss_mb
         logging.basicConfig(level=logging.WARNING)
         with tempfile.TemporaryDirectory() as tmp:
             fn = {"toolkit": lambda: child_toolkit(args, Path(tmp) / "out"),
@@ -195,7 +196,7 @@ def main() -> None:
                   "eval": lambda: child_eval(args),
                   "ceiling": lambda: child_ceiling(args)}[args._child]
             result = fn()
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mb"] = peak_rss_mb()  # this child's own, not the parent's it would inherit
         Path(args._result).write_text(json.dumps(result))
         return
 

@@ -83,11 +83,12 @@ def run(cfg: Config) -> dict:
     return result
 
 
-# The trial run: the CLI in a child process that writes its own peak RSS (KiB) on exit to the file
-# named by its first argument (benchmarks/bench_plan.py measures its rows the same way).
-PEAK_RSS_WRAPPER = ("import atexit, pathlib, resource, runpy, sys; out = pathlib.Path(sys.argv.pop(1)); "
-            "atexit.register(lambda: out.write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))); "
-            "sys.argv[0] = 'fine_tuning_llms'; runpy.run_module('fine_tuning_llms', run_name='__main__')")
+# The trial run: the CLI in a child process that writes its own peak RSS (MB, ``peak_rss_mb``) on exit
+# to the file named by its first argument (benchmarks/bench_plan.py measures its rows the same way).
+PEAK_RSS_WRAPPER = ("import atexit, pathlib, runpy, sys; out = pathlib.Path(sys.argv.pop(1)); "
+                    "from fine_tuning_llms.engine.memory_plan import peak_rss_mb; "
+                    "atexit.register(lambda: out.write_text(str(peak_rss_mb()))); "
+                    "sys.argv[0] = 'fine_tuning_llms'; runpy.run_module('fine_tuning_llms', run_name='__main__')")
 
 
 def time_steps(cfg: Config) -> dict:
@@ -112,7 +113,7 @@ def time_steps(cfg: Config) -> dict:
             rates = [float(r["tokens_per_s"]) for r in csv.DictReader(fh) if r.get("tokens_per_s")]
         timed = rates[1:] or rates
         return {"tokens_per_s": sum(timed) / len(timed) if timed else None,
-                "peak_rss_mb": int(rss.read_text()) / 1024 if rss.is_file() else None}
+                "peak_rss_mb": float(rss.read_text()) if rss.is_file() else None}
 
 
 def report_section(folder: Path) -> str:

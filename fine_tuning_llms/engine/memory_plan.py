@@ -83,6 +83,25 @@ def current_rss() -> float:
     return float(psutil.Process().memory_info().rss)
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS in MB. Linux's ``ru_maxrss`` is not that: a child started by
+    ``subprocess`` (vfork, then exec) starts with its parent's peak, so a trial run launched from a
+    process that once held 3.5 GB reports 3.5 GB. /proc's ``VmHWM`` belongs to the process's own
+    memory map; ``ru_maxrss`` stays the answer where there is no /proc (bytes on macOS, KiB elsewhere)."""
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 ** 2 if sys.platform == "darwin" else peak / 1024
+
+
 def return_freed_memory() -> bool:
     """Hand the pages of freed blocks that glibc's allocator still holds back to the system
     (``malloc_trim(0)``); True where that ran (Linux with glibc), False elsewhere.
@@ -187,14 +206,18 @@ def file_bytes(location: str) -> float:
     return float(sum(f.stat().st_size for f in folder.glob("*.safetensors"))) if folder.is_dir() else 0.0
 
 
-def training_passes(train, examples: int) -> float:
-    """Forward/backward passes (micro-batches) a run makes: ``max_steps`` x ``grad_accum``, else the
-    epochs' batches of ``examples``."""
+def training_passes(train, examples: int, processes: int | None = None) -> float:
+    """Forward/backward passes (micro-batches) one process of the run makes: ``max_steps`` x
+    ``grad_accum`` (every process makes each step's), else the epochs' batches of its share of
+    ``examples`` (a launch of ``processes``, default this one's, splits them)."""
     import math
+
+    from .distributed import world_size
 
     if train.max_steps > 0:
         return train.max_steps * train.grad_accum
-    return train.epochs * math.ceil(examples / train.batch_size)
+    share = math.ceil(examples / (processes or world_size()))
+    return train.epochs * math.ceil(share / train.batch_size)
 
 
 def largest_step_tokens(lengths: list[int], batch_size: int, packed: bool, steps: int | None = None,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from . import lora_linear
 from .attention import PackedAttentionFunction, attention_forward, flash_ops_missing
 from .buffers import release_buffers
 from .guards import BITSANDBYTES_TESTED, TESTED_VERSIONS, bitsandbytes_tested, fused_paths_refused, missing_ops
@@ -121,7 +122,7 @@ def packing_for_run(requested: bool, passes: float, device: torch.device) -> boo
     CPU run too short to make the packed copies back."""
     if requested and device.type == "cpu" and not packing_pays(passes):
         log.info("Packed weights off: this run's %g forward/backward passes are fewer than the %d that making the "
-                 "copies pays back over", passes, PACK_MIN_PASSES)
+                 "copies pays back over", passes, lora_linear.PACK_MIN_PASSES)  # the module's: tests may change it
         return False
     return requested
 

@@ -121,9 +121,12 @@ def test_a_run_that_does_not_fit_stops_before_loading_and_names_what_fits(tiny_m
     assert not (tmp_path / "out" / "final_model").exists()
 
 
-def test_options_that_fit_are_real_options(tiny_model_dir, write_jsonl, sample_conversations, tmp_path):
+def test_options_that_fit_are_real_options(tiny_model_dir, write_jsonl, sample_conversations, tmp_path, monkeypatch):
+    from fine_tuning_llms.engine import memory_plan
     from fine_tuning_llms.engine.memory_plan import options_that_fit, plan_training
 
+    # every trial plan reads what the process holds: held still, so the plans differ only by their settings
+    monkeypatch.setattr(memory_plan, "current_rss", lambda: 500.0 * 1024 ** 2)
     cfg = Config()
     cfg.train.batch_size, cfg.data.max_length = 64, 1024
     lengths = [900] * 128

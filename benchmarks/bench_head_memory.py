@@ -10,7 +10,6 @@ what the peak is made of (as it is for a 1B-parameter Llama 3 at longer rows or 
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ def child(fused: bool, vocab: int, rows: int, length: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fine_tuning_llms.engine.kernels.packed_sdpa import register_packed_attention
+    from fine_tuning_llms.engine.memory_plan import peak_rss_mb
     from fine_tuning_llms.engine.trainer import trained_token_loss
 
     torch.manual_seed(0)
@@ -38,12 +38,12 @@ def child(fused: bool, vocab: int, rows: int, length: int) -> None:
     ids = torch.randint(0, vocab, (1, sum(lengths)))
     batch = {"input_ids": ids, "labels": ids.clone(),
              "position_ids": torch.cat([torch.arange(n) for n in lengths])[None], "use_cache": False}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mb()
     # the logits path gets autocast from around the model (as accelerate does); the fused path applies it itself
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not fused):
         loss, n, _ = trained_token_loss(model, batch, fused_head=fused, autocast_dtype=torch.bfloat16)
     (loss / n).backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     label = "fused head + loss" if fused else "logits + cross_entropy"
     print(f"  {label:24s} loss/token {loss.item() / n:.4f}   peak RSS {peak:6.0f} MB  "
           f"(model and data: {before:.0f} MB)")
@@ -60,7 +60,7 @@ def main() -> None:
         child(args._child == "fused", args.vocab, args.rows, args.length)
         return
     print(f"Vocabulary {args.vocab:,}, {args.rows} x {args.length} tokens, all trained; one forward + backward:")
-    for kind in ("logits", "fused"):  # each in a fresh process, so each peak is its own
+    for kind in ("logits", "fused"):  # each in a fresh process, so each peak is its own (VmHWM: not this one's)
         proc = subprocess.run([sys.executable, __file__, f"--_child={kind}", f"--vocab={args.vocab}",
                                f"--rows={args.rows}", f"--length={args.length}"], cwd=ROOT, capture_output=True,
                               text=True)

@@ -121,12 +121,19 @@ def test_a_run_that_does_not_fit_stops_before_loading_and_names_what_fits(tiny_m
     assert not (tmp_path / "out" / "final_model").exists()
 
 
-def test_options_that_fit_are_real_options(tiny_model_dir, write_jsonl, sample_conversations, tmp_path, monkeypatch):
+@pytest.fixture
+def steady_rss(monkeypatch):
+    """Each plan counts what the process holds when it is made: held still, so the plans a test compares
+    differ only by their settings (a drift of a few hundred KB can flip a tiny model's fit)."""
     from fine_tuning_llms.engine import memory_plan
+
+    monkeypatch.setattr(memory_plan, "current_rss", lambda: 500.0 * 1024 ** 2)
+
+
+def test_options_that_fit_are_real_options(tiny_model_dir, write_jsonl, sample_conversations, tmp_path,
+                                           steady_rss):
     from fine_tuning_llms.engine.memory_plan import options_that_fit, plan_training
 
-    # every trial plan reads what the process holds: held still, so the plans differ only by their settings
-    monkeypatch.setattr(memory_plan, "current_rss", lambda: 500.0 * 1024 ** 2)
     cfg = Config()
     cfg.train.batch_size, cfg.data.max_length = 64, 1024
     lengths = [900] * 128
@@ -159,12 +166,9 @@ def test_training_passes_counts_one_process_share(monkeypatch):
 
 
 @pytest.mark.skipif(not weight_packing_available(torch.float32), reason="this torch build cannot pack weights")
-def test_pack_weights_false_leaves_the_packed_copy_out_and_is_named_first(tiny_model_dir, monkeypatch):
-    from fine_tuning_llms.engine import memory_plan
+def test_pack_weights_false_leaves_the_packed_copy_out_and_is_named_first(tiny_model_dir, steady_rss):
     from fine_tuning_llms.engine.memory_plan import options_that_fit, plan_training
 
-    # each plan counts what the process holds when it is made: held still, so the plans differ only by the copy
-    monkeypatch.setattr(memory_plan, "current_rss", lambda: 500.0 * 1024 ** 2)
     cfg = Config()
     cfg.model.dtype = "float32"
     lengths, device = [200] * 32, torch.device("cpu")

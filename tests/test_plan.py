@@ -276,3 +276,39 @@ def test_freed_memory_goes_back_to_the_system():
     assert return_freed_memory()
     assert before - current_rss() > 100 * MB  # ~170 MB of the 190 MB freed
     assert len(kept) == 300
+
+
+def _mapped_files(tensor: torch.Tensor) -> list[str]:
+    """The files /proc/self/maps says hold the memory of ``tensor``'s data (empty: anonymous memory)."""
+    address = tensor.untyped_storage().data_ptr()
+    files = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end and len(fields) == 6:
+            files.append(fields[5])
+    return files
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_weights_loaded_in_their_files_dtype_stay_mapped_and_add_no_loading_copy(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fine_tuning_llms.engine.config import ModelConfig
+    from fine_tuning_llms.engine.memory_plan import bytes_stored_in, file_bytes
+    from fine_tuning_llms.engine.models import load_model
+
+    folder = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(folder)
+    stored = bytes_stored_in(str(folder), torch.bfloat16)
+    assert 0 < stored <= file_bytes(str(folder)) and bytes_stored_in(str(folder), torch.float32) == 0
+    # what the plan relies on: in the file's dtype transformers keeps the tensors in the file's memory map
+    kept = load_model(ModelConfig(model=str(folder), dtype="bfloat16")).get_input_embeddings().weight
+    assert any(f.endswith(".safetensors") for f in _mapped_files(kept))
+    converted = load_model(ModelConfig(model=str(folder), dtype="float32")).get_input_embeddings().weight
+    assert not any(f.endswith(".safetensors") for f in _mapped_files(converted))
+    # so loading in bf16 holds the weights once; in fp32 the weights plus the bf16 file's pages read to make them
+    same = plan_for(folder, [50] * 16, dtype=torch.bfloat16)
+    assert same.loading == pytest.approx(100 * MB + same.parts["weights"], abs=64 * 1024)  # the files' headers
+    cast = plan_for(folder, [50] * 16, dtype=torch.float32, autocast=None)
+    assert cast.loading == pytest.approx(100 * MB + cast.parts["weights"] + file_bytes(str(folder)))

@@ -5,7 +5,9 @@ parameter count of every module is exact for any architecture. The peak is the l
 moments, on top of what the process already holds (Python, torch, the tokenized data):
 
 - loading: the weights as they will stay, plus the safetensors pages read to make them (read
-  through a memory map, they count as resident while loading runs);
+  through a memory map, they count as resident while loading runs); tensors kept in the file's
+  own dtype are not copied at all (transformers leaves them in the memory map, so their pages are
+  the weights themselves, made resident as training first reads them);
 - training: the weights, the LoRA weights with their gradients and AdamW's two moments (fp32),
   the frozen LoRA weights' packed copy (fused kernels on CPU), the activations autograd keeps
   for the largest step (per token and layer: the inputs and outputs of the norms, projections,
@@ -206,6 +208,32 @@ def file_bytes(location: str) -> float:
     return float(sum(f.stat().st_size for f in folder.glob("*.safetensors"))) if folder.is_dir() else 0.0
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def bytes_stored_in(location: str, dtype: torch.dtype) -> float:
+    """Bytes of the folder's safetensors tensors stored in ``dtype`` (read from the files' headers).
+    Loaded on CPU in that dtype, transformers keeps them in the file's memory map instead of copying
+    them (checked in tests/test_plan.py), so their file pages are the weights' own."""
+    import json
+    import struct
+
+    folder, name = Path(location), SAFETENSORS_DTYPES.get(dtype)
+    if name is None or not folder.is_dir():
+        return 0.0
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        try:
+            with path.open("rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError, struct.error):
+            continue  # unreadable: counted as copied, the larger plan
+        total += sum(t["data_offsets"][1] - t["data_offsets"][0] for key, t in header.items()
+                     if key != "__metadata__" and t.get("dtype") == name)
+    return float(total)
+
+
 def training_passes(train, examples: int, processes: int | None = None) -> float:
     """Forward/backward passes (micro-batches) one process of the run makes: ``max_steps`` x
     ``grad_accum`` (every process makes each step's), else the epochs' batches of its share of
@@ -328,6 +356,8 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     parts = {"process": process, "weights": weights, "LoRA + AdamW": trainable, "packed weights": packed_copies,
              "k-bit buffers": buffers, "activations": activations, "head logits": head}
     pages = (file_bytes(location) if weights_file is None else weights_file) if on_cpu else 0.0  # GPU: no page cache
+    if on_cpu and not quant and weights_file is None:  # tensors loaded in their file's dtype stay mapped, no copy
+        pages = max(pages - bytes_stored_in(location, weight_dtype), 0.0)
     loading = process + weights + LOAD_SLACK * pages
     training = process + weights + trainable + packed_copies + buffers + activations + head
     notes = [] if on_cpu else [f"GPU memory of {device}; host memory is not planned"]

@@ -31,7 +31,7 @@ from .engine.chat_format import tokenize_conversations
 from .engine.config import Config
 from .engine.data import load_train_eval
 from .engine.errors import UserError
-from .engine.memory_plan import MB, options_that_fit, plan_training
+from .engine.memory_plan import MB, STAND_IN_PASSES, options_that_fit, plan_training, training_passes
 from .engine.models import load_tokenizer, pick_device, resolve_model
 from .engine.outputs import TaskOutputs
 from .engine.report_html import fmt, key_values, read_json
@@ -66,7 +66,7 @@ def run(cfg: Config) -> dict:
         log.warning("Does not fit: ~%s MB needed, %s MB available. Options that fit: %s", f"{plan.training / MB:,.0f}",
                     f"{plan.available / MB:,.0f}", "; ".join(fits) or "none (a smaller model, or more memory)")
     else:
-        timing = time_steps(cfg)
+        timing = time_steps(cfg, training_passes(cfg.train, len(examples)))
         steps = math.ceil(len(examples) / (cfg.train.batch_size * cfg.train.grad_accum))
         epoch_seconds = sum(lengths) / timing["tokens_per_s"] if timing.get("tokens_per_s") else None
         result.update(timing=timing, steps_per_epoch=steps, epoch_seconds=epoch_seconds)
@@ -91,9 +91,10 @@ PEAK_RSS_WRAPPER = ("import atexit, pathlib, runpy, sys; out = pathlib.Path(sys.
                     "sys.argv[0] = 'fine_tuning_llms'; runpy.run_module('fine_tuning_llms', run_name='__main__')")
 
 
-def time_steps(cfg: Config) -> dict:
+def time_steps(cfg: Config, passes: float) -> dict:
     """Train ``TIMED_STEPS`` steps with these settings in a child process (its output discarded):
-    tokens/s over steps 2.. and the child's peak RSS."""
+    tokens/s over steps 2.. and the child's peak RSS. The child stands in for the whole run of
+    ``passes`` forward/backward passes: it makes the packed weight copies exactly when that run will."""
     skip = ("task", "output_dir", "config", "resume_from_checkpoint", "export")
     settings = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +105,8 @@ def time_steps(cfg: Config) -> dict:
                "--output_dir", str(tmp / "out"), "--max_steps", str(TIMED_STEPS), "--logging_steps", "1",
                "--eval_answers", "0", "--save_steps", "1000000", "--overwrite_output_dir", "true"]
         log.info("Timing %d training steps in a trial run (its outputs are thrown away)...", TIMED_STEPS)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", STAND_IN_PASSES: str(passes)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             log.warning("The trial run failed, so no time estimate: %s", last[:300])

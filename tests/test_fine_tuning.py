@@ -210,6 +210,28 @@ def test_a_run_too_short_to_pay_for_packed_copies_makes_none_and_says_so(tiny_mo
     assert len(lines) == 1 and "6 forward/backward passes" in lines[0] and "fewer than the 7 " in lines[0]
 
 
+def test_a_trial_run_packs_weights_as_the_run_it_stands_in_for(tiny_model_dir, train_data, tmp_path, monkeypatch,
+                                                               caplog):
+    """The plan's trial run trains a few steps for a longer run: it makes the packed copies that run will make."""
+    from fine_tuning_llms.engine import kernels
+    from fine_tuning_llms.engine.memory_plan import STAND_IN_PASSES
+
+    if not kernels.weight_packing_available(torch.float32):
+        pytest.skip("this torch build cannot pack weights")
+    released, release = [], kernels.release_packed_weights
+    monkeypatch.setattr(kernels, "release_packed_weights", lambda model: released.append(release(model)))
+    monkeypatch.setattr(kernels.lora_linear, "PACK_MIN_PASSES", 7)
+    monkeypatch.setenv(STAND_IN_PASSES, "90")  # 2 steps x 3 micro-batches here, standing in for 90 passes
+    args = train_args(tiny_model_dir, train_data, tmp_path / "run", "--max_steps", "2", "--dtype", "float32",
+                      "--grad_accum", "3")
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    assert len(released) == 1 and released[0] > 0  # the copies were made, and freed after training
+    assert not [r for r in caplog.records if r.getMessage().startswith("Packed weights off")]
+    plan = json.loads((tmp_path / "run" / "final_model" / "metrics.json").read_text())["memory_plan"]
+    assert plan["parts_mb"]["packed weights"] > 0  # and its own plan counted them
+
+
 def test_speed_levers_do_not_change_the_losses(tiny_model_dir, train_data, tmp_path, monkeypatch):
     """Packing + trained-positions-only logits + fused nodes vs plain padded batches: same per-step losses."""
     from fine_tuning_llms.engine import kernels

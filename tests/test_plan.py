@@ -312,3 +312,27 @@ def test_weights_loaded_in_their_files_dtype_stay_mapped_and_add_no_loading_copy
     assert same.loading == pytest.approx(100 * MB + same.parts["weights"], abs=64 * 1024)  # the files' headers
     cast = plan_for(folder, [50] * 16, dtype=torch.float32, autocast=None)
     assert cast.loading == pytest.approx(100 * MB + cast.parts["weights"] + file_bytes(str(folder)))
+
+
+def test_the_trial_run_stands_in_for_the_whole_run(tiny_model_dir, write_jsonl, sample_conversations, tmp_path,
+                                                   monkeypatch):
+    import subprocess
+
+    from fine_tuning_llms import plan as plan_task
+    from fine_tuning_llms.engine.memory_plan import STAND_IN_PASSES
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # the trial run's command and environment, not run
+        calls.append((cmd, kwargs["env"]))
+        return subprocess.CompletedProcess(cmd, 1, "", "not run in this test")
+
+    monkeypatch.setattr(plan_task.subprocess, "run", fake_run)
+    data = write_jsonl(sample_conversations * 6)
+    assert main(["--task", "plan", "--model", str(tiny_model_dir), "--dataset_path", str(data), "--output_dir",
+                 str(tmp_path / "plan"), "--batch_size", "2", "--epochs", "3"]) == 0
+    (cmd, env), = calls
+    assert cmd[cmd.index("--max_steps") + 1] == "4"
+    steps = json.loads((tmp_path / "plan" / "plan.json").read_text())["steps_per_epoch"]
+    # 4 steps timed for a run of 3 epochs (one pass a step): it packs weights (or not) as those passes will
+    assert steps > 4 and float(env[STAND_IN_PASSES]) == 3 * steps

@@ -3,6 +3,7 @@ from the config alone, they order the way dtypes and quantisation say, a run pre
 stops before loading with the options that fit, and the plan task times a trial run."""
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -336,3 +337,41 @@ def test_the_trial_run_stands_in_for_the_whole_run(tiny_model_dir, write_jsonl, 
     steps = json.loads((tmp_path / "plan" / "plan.json").read_text())["steps_per_epoch"]
     # 4 steps timed for a run of 3 epochs (one pass a step): it packs weights (or not) as those passes will
     assert steps > 4 and float(env[STAND_IN_PASSES]) == 3 * steps
+
+
+KERNEL_CACHE_PROBE = """
+import ctypes, os, re, sys
+import fine_tuning_llms.engine  # first, as every task does: it bounds the kernel caches before any product runs
+import torch
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+weight = torch.randn(1536, 576).bfloat16()
+def products(rows):  # a new row count is a new kernel in each cache, as a packed step's is
+    for n in rows:
+        (torch.randn(n, 576).bfloat16() @ weight.t()).sum()
+        (torch.randn(n, 1536).bfloat16() @ weight).sum()
+trim = ctypes.CDLL("libc.so.6").malloc_trim
+products(range(1, 150)); trim(0); before = rss()
+products(range(150, 450)); trim(0)
+print(os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], os.environ["LRU_CACHE_CAPACITY"], rss() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status (Linux)")
+def test_kernel_caches_stay_bounded_over_new_shapes():
+    import subprocess
+
+    if not weight_packing_available(torch.bfloat16):  # oneDNN with bf16 products on this CPU
+        pytest.skip("bf16 products do not go through oneDNN here")
+    clean = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+
+    def probe(**env):
+        out = subprocess.run([sys.executable, "-c", KERNEL_CACHE_PROBE], env={**clean, **env}, capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0], out[1], float(out[2])
+
+    onednn, ideep, growth = probe()
+    assert (onednn, ideep) == ("64", "64") and growth < 25, growth  # ~2 MB here over 300 new shapes
+    # a capacity the user set is kept; torch's own 1,024 grows with every new shape (~120 MB here)
+    onednn, ideep, growth = probe(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="1024")
+    assert (onednn, ideep) == ("1024", "1024") and growth > 50, growth

@@ -1,6 +1,17 @@
 """The engine: everything the lessons share. Imports no lesson (tests/test_layout.py checks)."""
 import logging
+import os
 import warnings
+
+# oneDNN (ONEDNN_PRIMITIVE_CACHE_CAPACITY) and torch's ideep layer over it (LRU_CACHE_CAPACITY) each
+# keep up to 1,024 kernels, one per product shape, and memory with each. A packed step's row count is
+# new almost every step, so a run's peak RSS grew step after step: the embedded model's default train
+# from 1.8 GB after its first step to 2.5 GB after 45, where 64 each held it at ~2.0 GB at the same speed
+# (benchmarks/RESULTS.md). 64 holds every shape of one step. Read once, at their first use, so set at
+# import, before any product runs; a value the user set stays.
+KERNEL_CACHE_CAPACITY = "64"
+for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_cache, KERNEL_CACHE_CAPACITY)
 
 # bitsandbytes' CPU backend warns at import time, on every run, that it could not download an
 # optional kernel from the hub (`kernels-community`); it then uses its built-in kernel, and this

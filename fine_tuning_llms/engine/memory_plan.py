@@ -227,10 +227,10 @@ def bytes_stored_in(location: str, dtype: torch.dtype) -> float:
             with path.open("rb") as fh:
                 (size,) = struct.unpack("<Q", fh.read(8))
                 header = json.loads(fh.read(size))
-        except (OSError, ValueError, struct.error):
+            total += sum(t["data_offsets"][1] - t["data_offsets"][0] for key, t in header.items()
+                         if key != "__metadata__" and t.get("dtype") == name)
+        except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
             continue  # unreadable: counted as copied, the larger plan
-        total += sum(t["data_offsets"][1] - t["data_offsets"][0] for key, t in header.items()
-                     if key != "__metadata__" and t.get("dtype") == name)
     return float(total)
 
 

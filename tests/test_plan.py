@@ -296,8 +296,8 @@ def test_weights_loaded_in_their_files_dtype_stay_mapped_and_add_no_loading_copy
     from transformers import AutoModelForCausalLM
 
     from fine_tuning_llms.engine.config import ModelConfig
-    from fine_tuning_llms.engine.memory_plan import bytes_stored_in, file_bytes
     from fine_tuning_llms.engine.models import load_model
+    from fine_tuning_llms.engine.weight_files import bytes_stored_in, file_bytes
 
     folder = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(folder)

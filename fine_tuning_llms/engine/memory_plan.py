@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .weight_files import bytes_stored_in, file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -201,37 +202,6 @@ def weight_bytes(model, *, dtype: torch.dtype, load_8bit: bool, load_4bit: bool)
             else:
                 total += n / 2 + n / 64 + 4 * n / (64 * 256)  # nf4 + double-quantised block scales
     return total
-
-
-def file_bytes(location: str) -> float:
-    folder = Path(location)
-    return float(sum(f.stat().st_size for f in folder.glob("*.safetensors"))) if folder.is_dir() else 0.0
-
-
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def bytes_stored_in(location: str, dtype: torch.dtype) -> float:
-    """Bytes of the folder's safetensors tensors stored in ``dtype`` (read from the files' headers).
-    Loaded on CPU in that dtype, transformers keeps them in the file's memory map instead of copying
-    them (checked in tests/test_plan.py), so their file pages are the weights' own."""
-    import json
-    import struct
-
-    folder, name = Path(location), SAFETENSORS_DTYPES.get(dtype)
-    if name is None or not folder.is_dir():
-        return 0.0
-    total = 0
-    for path in folder.glob("*.safetensors"):
-        try:
-            with path.open("rb") as fh:
-                (size,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(size))
-            total += sum(t["data_offsets"][1] - t["data_offsets"][0] for key, t in header.items()
-                         if key != "__metadata__" and t.get("dtype") == name)
-        except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError):
-            continue  # unreadable: counted as copied, the larger plan
-    return float(total)
 
 
 # Set by the plan's trial run (plan.time_steps) to the passes of the run it stands in for: its few

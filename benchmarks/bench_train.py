@@ -204,8 +204,8 @@ def main() -> None:
         run_matrix_and_report(args)
         return
     if args.model == "1b":
-        from llama_1b_shape import llama_1b_folder
-        args.model = str(llama_1b_folder())
+        from llama_1b_shape import llama_shape_folder
+        args.model = str(llama_shape_folder("1b"))
 
     common = [f"--epochs={args.epochs}", f"--max_steps={args.max_steps}", f"--batch_size={args.batch_size}",
               f"--grad_accum={args.grad_accum}", f"--lora_r={args.lora_r}", f"--target_modules={args.target_modules}",

@@ -59,10 +59,5 @@ def llama_shape_folder(size: str = "1b") -> Path:
     return target
 
 
-def llama_1b_folder() -> Path:
-    """The Llama-3.2-1B shape's cached folder."""
-    return llama_shape_folder("1b")
-
-
 if __name__ == "__main__":
     print(llama_shape_folder(sys.argv[1] if len(sys.argv) > 1 else "1b"))

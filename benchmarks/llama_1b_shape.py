@@ -1,12 +1,17 @@
-"""Llama-3.2-1B's and -3B's exact shapes with random weights, built offline (the real weights are
-gated and the hub is unreachable here). 1B: 16 layers, hidden 2048, MLP 8192, 32 query / 8 key-value
-heads of 64; 3B: 28 layers, hidden 3072, MLP 8192, 24 / 8 heads of 128; both: vocabulary 128,256, tied
-embeddings, Llama 3 rotary scaling; bf16 safetensors as Meta ships them. The tokenizer is the
-embedded SmolLM2's (its ids all fall inside the larger vocabulary): speed and memory depend on the
-shapes, not on which token an id means.
+"""Llama-3.2-1B's, -3B's and Llama-3.1-8B's exact shapes with random weights, built offline (the real
+weights are gated and the hub is unreachable here). 1B: 16 layers, hidden 2048, MLP 8192, 32 query /
+8 key-value heads of 64; 3B: 28 layers, hidden 3072, MLP 8192, 24 / 8 heads of 128; both tied
+embeddings. 8B: 32 layers, hidden 4096, MLP 14336, 32 / 8 heads of 128, untied. All: vocabulary
+128,256, Llama 3 rotary scaling; bf16 safetensors as Meta ships them. The tokenizer is the embedded
+SmolLM2's (its ids all fall inside the larger vocabulary): speed and memory depend on the shapes, not
+on which token an id means.
 
     python benchmarks/llama_1b_shape.py        # builds the 1B shape once into the cache and prints the folder
     python benchmarks/llama_1b_shape.py 3b     # the 3B shape (6.4 GB of weights)
+    python benchmarks/llama_1b_shape.py 8b     # the 8B shape (16 GB of weights)
+
+The weights are written one layer at a time (normal, std = the config's initializer_range; norms
+ones), so building the 8B shape needs about one layer of memory, not the 16 GB of the whole model.
 """
 from __future__ import annotations
 
@@ -25,7 +30,11 @@ LLAMA_3_2_1B = dict(LLAMA_3, hidden_size=2048, intermediate_size=8192, num_hidde
                     num_key_value_heads=8, head_dim=64)
 LLAMA_3_2_3B = dict(LLAMA_3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                     num_key_value_heads=8, head_dim=128)
-SHAPES = {"1b": LLAMA_3_2_1B, "3b": LLAMA_3_2_3B}
+LLAMA_3_1_8B = dict(LLAMA_3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+                    rope_scaling=dict(LLAMA_3["rope_scaling"], factor=8.0))
+SHAPES = {"1b": LLAMA_3_2_1B, "3b": LLAMA_3_2_3B, "8b": LLAMA_3_1_8B}
+RELEASES = {"1b": "3.2", "3b": "3.2", "8b": "3.1"}
 
 
 def llama_shape_folder(size: str = "1b") -> Path:
@@ -40,23 +49,52 @@ def llama_shape_folder(size: str = "1b") -> Path:
 
     if size not in SHAPES:
         raise SystemExit(f"unknown shape {size!r}: use one of {', '.join(SHAPES)}")
-    target = cache_root() / f"llama-3.2-{size}-shape-random"
+    target = cache_root() / f"llama-{RELEASES[size]}-{size}-shape-random"
     if (target / "config.json").is_file():
         return target
     tokenizer = load_tokenizer(ModelConfig())
     config = LlamaConfig(**SHAPES[size], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16: the 3B shape in fp32 would take 13 GB to build
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
+                         pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"])
+    config.dtype = torch.bfloat16  # what the files hold; --dtype auto reads it
+    with torch.device("meta"):  # names and shapes only
+        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
     with atomic_directory(target, overwrite=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        write_random_shards(tmp, shapes, config.initializer_range)
+        config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
+
+
+def write_random_shards(folder: Path, shapes: dict[str, tuple[int, ...]], std: float) -> None:
+    """bf16 safetensors shards, one per decoder layer (embeddings, final norm and head in the
+    first and last), and the index transformers reads them by."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        parts = name.split(".")
+        key = parts[2] if parts[:2] == ["model", "layers"] else ("head" if "embed" not in name else "embed")
+        groups.setdefault(key, []).append(name)
+    generator = torch.Generator().manual_seed(0)
+    files = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map, total = {}, 0
+    for file, names in zip(files, groups.values()):
+        tensors = {}
+        for name in names:
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(shapes[name], dtype=torch.bfloat16)
+            else:
+                tensors[name] = torch.empty(shapes[name], dtype=torch.bfloat16).normal_(0.0, std, generator=generator)
+            weight_map[name] = file
+            total += tensors[name].numel() * 2
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 if __name__ == "__main__":

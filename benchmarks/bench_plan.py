@@ -1,11 +1,13 @@
 """The memory plan (engine/memory_plan.py) against measurement: predicted peak vs the measured peak
 RSS of the same training run, for the embedded model and the Llama-3.2-1B shape (random weights),
-in fp32 / bf16 / 8-bit / 4-bit, batch 1 and 8; also the Llama-3.2-3B shape on request (``--models 3b``).
+in fp32 / bf16 / 8-bit / 4-bit, batch 1 and 8; also the Llama-3.2-3B and Llama-3.1-8B shapes on request
+(``--models 3b``, ``--models 8b``).
 
     python benchmarks/bench_plan.py                       # the whole table (the 1B rows take minutes each)
     python benchmarks/bench_plan.py --models embedded --modes bf16 --batches 8
     python benchmarks/bench_plan.py --largest 16          # which Llama sizes the plan says train in 16 GB
     python benchmarks/bench_plan.py --models 3b --modes bf16,8bit,4bit --batches 8   # and the 3B shape measured
+    python benchmarks/bench_plan.py --models 8b --modes 4bit --batches 8 --extra=--gradient_checkpointing
 
 Each row is one ``run_fine_tuning.py --task train --max_steps 3`` in its own process; its peak RSS
 is that process's own (``memory_plan.peak_rss_mb``: VmHWM, not the ``ru_maxrss`` a child inherits from
@@ -110,7 +112,8 @@ def params_of(folder: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="embedded,1b",
-                        help="embedded, 1b, 3b (the Llama-3.2-1B and -3B shapes with random weights)")
+                        help="embedded, 1b, 3b, 8b (the Llama-3.2-1B, -3B and Llama-3.1-8B shapes with random "
+                             "weights)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--extra", default="", help="more train flags for every run, e.g. '--max_length 256'")

@@ -41,7 +41,7 @@ def llama_shape_folder(size: str = "1b") -> Path:
     """The cached folder of the ``size`` shape (built on first use, atomically: a half-built folder
     is never used)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     from fine_tuning_llms.engine.artefacts import atomic_directory
     from fine_tuning_llms.engine.config import ModelConfig
@@ -56,15 +56,24 @@ def llama_shape_folder(size: str = "1b") -> Path:
     config = LlamaConfig(**SHAPES[size], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"])
     config.dtype = torch.bfloat16  # what the files hold; --dtype auto reads it
-    with torch.device("meta"):  # names and shapes only
-        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight")
     with atomic_directory(target, overwrite=True) as tmp:
-        write_random_shards(tmp, shapes, config.initializer_range)
+        write_random_shards(tmp, weight_shapes(config), config.initializer_range)
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
+
+
+def weight_shapes(config) -> dict[str, tuple[int, ...]]:
+    """The saved weights' names and shapes for this Llama config (a tied head is saved once, as the
+    embedding), from a model on the meta device: no memory for the weights themselves."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
 
 
 def write_random_shards(folder: Path, shapes: dict[str, tuple[int, ...]], std: float) -> None:

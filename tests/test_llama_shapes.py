@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from llama_1b_shape import SHAPES, write_random_shards  # noqa: E402
+from llama_1b_shape import SHAPES, weight_shapes, write_random_shards  # noqa: E402
 
 
 @pytest.mark.parametrize("size", ["1b", "8b"])
@@ -19,10 +19,7 @@ def test_random_shards_load_with_every_weight(tmp_path, size):
     tiny = dict(SHAPES[size], hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, vocab_size=300)
     config = LlamaConfig(**tiny, architectures=["LlamaForCausalLM"])
-    with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight")
+    shapes = weight_shapes(config)
     write_random_shards(tmp_path, shapes, config.initializer_range)
     config.save_pretrained(tmp_path)
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from llama_1b_shape import SHAPES, weight_shapes, write_random_shards  # noqa: E402
 
 
-@pytest.mark.parametrize("size", ["1b", "8b"])
+@pytest.mark.parametrize("size", ["1b", "8b", "13b"])
 def test_random_shards_load_with_every_weight(tmp_path, size):
     tiny = dict(SHAPES[size], hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, vocab_size=300)

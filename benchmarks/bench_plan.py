@@ -62,7 +62,8 @@ LADDER = {
 
 def largest(limit_gb: float) -> None:
     """The plan (defaults: sample data, batch 8, max_length 512, LoRA r16 all-linear) for each
-    Llama size and option, against ``limit_gb``; weights files assumed bf16, as these are shipped."""
+    Llama size and option, against ``limit_gb``: training memory, which does not depend on the weight
+    files (their pages while loading are reclaimable and not counted in whether a run fits)."""
     import torch
     from transformers import LlamaConfig
 
@@ -93,8 +94,7 @@ def largest(limit_gb: float) -> None:
                 cfg.model.dtype = "float32" if mode == "fp32" else "auto"
                 cfg.model.load_8bit, cfg.model.load_4bit = mode == "8bit", mode == "4bit"
                 cfg.train.gradient_checkpointing = checkpointing
-                plan = plan_training(cfg, str(folder), lengths, torch.device("cpu"), limit_gb,
-                                     weights_file=2.0 * params_of(folder))
+                plan = plan_training(cfg, str(folder), lengths, torch.device("cpu"), limit_gb)
                 cells.append(f"{plan.training / MB:,.0f}{'' if plan.fits else ' (no)'}")
                 if plan.fits:
                     fits[label] = name

@@ -266,7 +266,7 @@ def activation_bytes_per_token(config, act_bytes: int) -> float:
 
 def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch.device, packed: bool,
                 weight_dtype: torch.dtype, autocast: torch.dtype | None, process: float | None = None,
-                limit_gb: float | None = None, weights_file: float | None = None) -> MemoryPlan:
+                limit_gb: float | None = None) -> MemoryPlan:
     """Predict the peak of training ``cfg`` on examples of these token ``lengths`` (see module doc)."""
     model, config = meta_model(location, cfg.model.trust_remote_code)
     t = cfg.train
@@ -280,6 +280,7 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     lora_params = sum(t.lora_r * (m.in_features + m.out_features) for _, m in targets)
     trainable = 16.0 * lora_params  # fp32 weight, gradient, AdamW's two moments
     packed_copies = 0.0
+    # this process's own passes (not training_passes: a trial run's peak is over its own few steps)
     micro_steps = t.max_steps * t.grad_accum if t.max_steps > 0 else None
     if t.fused_kernels and t.pack_weights and on_cpu and not quant:
         from .kernels import packed_bytes, packing_fits, packing_pays, weight_packing_available
@@ -334,8 +335,8 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     head = min(HEAD_CHUNK_BYTES, 3.0 * 4 * logit_positions * vocab) if fused_head else 3.0 * 4 * logit_positions * vocab
     parts = {"process": process, "weights": weights, "LoRA + AdamW": trainable, "packed weights": packed_copies,
              "k-bit buffers": buffers, "activations": activations, "head logits": head}
-    pages = (file_bytes(location) if weights_file is None else weights_file) if on_cpu else 0.0  # GPU: no page cache
-    if on_cpu and not quant and weights_file is None:  # tensors loaded in their file's dtype stay mapped, no copy
+    pages = file_bytes(location) if on_cpu else 0.0  # GPU: no page cache
+    if on_cpu and not quant:  # tensors loaded in their file's dtype stay mapped, no copy
         pages = max(pages - bytes_stored_in(location, weight_dtype), 0.0)
     loading = process + weights + LOAD_SLACK * pages
     training = process + weights + trainable + packed_copies + buffers + activations + head
@@ -349,7 +350,7 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
 
 
 def plan_training(cfg: Config, location: str, lengths: list[int], device: torch.device,
-                  limit_gb: float | None = None, weights_file: float | None = None) -> MemoryPlan:
+                  limit_gb: float | None = None) -> MemoryPlan:
     """``plan_memory`` with the dtypes this run will train with; lengths capped at --max_length."""
     from .models import pick_dtype
     from .precision import autocast_dtype, mixed_precision, training_model_config
@@ -358,7 +359,7 @@ def plan_training(cfg: Config, location: str, lengths: list[int], device: torch.
     autocast = autocast_dtype(*mixed_precision(cfg.model, device))
     capped = [min(n, cfg.data.max_length) for n in lengths]
     return plan_memory(cfg, location, capped, device=device, packed=cfg.train.packing, weight_dtype=weight_dtype,
-                       autocast=autocast, limit_gb=limit_gb, weights_file=weights_file)
+                       autocast=autocast, limit_gb=limit_gb)
 
 
 def check_fits(cfg: Config, location: str, lengths: list[int], device: torch.device,

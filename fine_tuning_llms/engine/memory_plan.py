@@ -343,7 +343,8 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     notes = [] if on_cpu else [f"GPU memory of {device}; host memory is not planned"]
     if quant and t.gradient_checkpointing and on_cpu:
         # measured, not modelled: the allocator keeps memory between the recomputed k-bit layers
-        notes.append("k-bit with --gradient_checkpointing: measured peaks ran up to ~60% above this plan "
+        # (re-measured with the k-bit nodes, embedded to Llama-2-13B shapes: RESULTS.md 2026-12-04 (7))
+        notes.append("k-bit with --gradient_checkpointing: measured peaks ran up to ~25% above this plan "
                      "(memory the allocator keeps, benchmarks/RESULTS.md); leave room")
     return MemoryPlan(parts=parts, loading=loading, training=training,
                       available=available_memory(limit_gb, device), step_tokens=step_tokens, notes=notes)

@@ -70,7 +70,7 @@ def largest(limit_gb: float) -> None:
     from fine_tuning_llms.engine.chat_format import tokenize_conversations
     from fine_tuning_llms.engine.config import Config, ModelConfig
     from fine_tuning_llms.engine.data import load_train_eval
-    from fine_tuning_llms.engine.memory_plan import MB, plan_training
+    from fine_tuning_llms.engine.memory_plan import KBIT_CHECKPOINT_ROOM, MB, plan_training
     from fine_tuning_llms.engine.models import load_tokenizer
 
     base = Config()
@@ -95,10 +95,14 @@ def largest(limit_gb: float) -> None:
                 cfg.model.load_8bit, cfg.model.load_4bit = mode == "8bit", mode == "4bit"
                 cfg.train.gradient_checkpointing = checkpointing
                 plan = plan_training(cfg, str(folder), lengths, torch.device("cpu"), limit_gb)
-                cells.append(f"{plan.training / MB:,.0f}{'' if plan.fits else ' (no)'}")
-                if plan.fits:
+                # k-bit + checkpointing: the room its note asks for must fit too
+                room = 1 + KBIT_CHECKPOINT_ROOM if checkpointing and mode in ("8bit", "4bit") else 1
+                tight = plan.fits and plan.training * room > plan.available
+                cells.append(f"{plan.training / MB:,.0f}{' (tight)' if tight else '' if plan.fits else ' (no)'}")
+                if plan.fits and not tight:
                     fits[label] = name
             print(f"| {name} | {params_of(folder) / 1e9:.2f} B | " + " | ".join(cells) + " |")
+    print(f"(tight: fits the plan, not the {KBIT_CHECKPOINT_ROOM:.0%} room k-bit + checkpointing runs took above it)")
     print("Largest that fits: " + ", ".join(f"{mode}: {name or 'none'}" for mode, name in fits.items()))
 
 

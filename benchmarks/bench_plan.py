@@ -40,6 +40,8 @@ def measure(model: str, mode: str, batch: int, extra: list[str]) -> dict:
                "--batch_size", str(batch), "--eval_answers", "0", "--save_steps", "1000", "--output_dir",
                str(Path(tmp) / "out"), *MODES[mode], *extra]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode < 0:  # a signal: SIGKILL is what the kernel's OOM killer sends
+            return {"error": f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")}
         if proc.returncode != 0:
             return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
         metrics = json.loads((Path(tmp) / "out" / "final_model" / "metrics.json").read_text())

@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_1b_shape import PUBLISHED, llama_shape_folder  # noqa: E402
 
 MODES = {"fp32": ["--dtype", "float32"], "bf16": [], "8bit": ["--load_8bit"], "4bit": ["--load_4bit"]}
 
@@ -47,19 +49,6 @@ def measure(model: str, mode: str, batch: int, extra: list[str]) -> dict:
         metrics = json.loads((Path(tmp) / "out" / "final_model" / "metrics.json").read_text())
         return {"measured_mb": float(rss.read_text()), "plan": metrics["memory_plan"],
                 "tokens_per_s": metrics["tokens_per_s"]}
-
-
-# Published configurations of the Llama ladder (config.json fields that set the sizes).
-LADDER = {
-    "Llama-3.2-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
-    "Llama-3.2-3B": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True),
-    "Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
-    "Llama-2-13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                        num_key_value_heads=40, head_dim=128, vocab_size=32000, tie_word_embeddings=False),
-}
 
 
 def largest(limit_gb: float) -> None:
@@ -87,7 +76,7 @@ def largest(limit_gb: float) -> None:
     print("|---|---|" + "---|" * len(columns))
     fits = {label: None for label in labels}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, shape in LADDER.items():
+        for name, shape in PUBLISHED.items():
             folder = Path(tmp) / name
             LlamaConfig(**shape).save_pretrained(folder)
             cells = []
@@ -129,8 +118,6 @@ def main() -> None:
     if args.largest:
         largest(args.largest)
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from llama_1b_shape import llama_shape_folder
 
     print("| model | mode | batch | predicted peak | measured peak RSS | error | loading / training predicted |")
     print("|---|---|---|---|---|---|---|")

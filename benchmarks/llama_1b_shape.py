@@ -3,7 +3,7 @@ weights are gated and the hub is unreachable here). 1B: 16 layers, hidden 2048, 
 8 key-value heads of 64; 3B: 28 layers, hidden 3072, MLP 8192, 24 / 8 heads of 128; both tied
 embeddings. 8B: 32 layers, hidden 4096, MLP 14336, 32 / 8 heads of 128, untied. These three: vocabulary
 128,256, Llama 3 rotary scaling. 13B: 40 layers, hidden 5120, MLP 13824, 40 heads of 128, untied,
-vocabulary 49,152 (see LLAMA_2_13B). bf16 safetensors as Meta ships them. The tokenizer is the embedded
+vocabulary 49,152 (see SHAPES). bf16 safetensors as Meta ships them. The tokenizer is the embedded
 SmolLM2's (its ids all fall inside each shape's vocabulary): speed and memory depend on the shapes, not
 on which token an id means.
 
@@ -35,13 +35,16 @@ LLAMA_3_2_3B = dict(LLAMA_3, hidden_size=3072, intermediate_size=8192, num_hidde
 LLAMA_3_1_8B = dict(LLAMA_3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                     num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
                     rope_scaling=dict(LLAMA_3["rope_scaling"], factor=8.0))
-# Llama-2-13B, with one change: its vocabulary is 32,000 and the embedded tokenizer's ids reach 49,151,
-# so this shape's embedding and head have 49,152 rows (+176 M parameters, +1.3%: a little larger, not smaller).
 LLAMA_2_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                   num_key_value_heads=40, head_dim=128, vocab_size=49152, tie_word_embeddings=False,
+                   num_key_value_heads=40, head_dim=128, vocab_size=32000, tie_word_embeddings=False,
                    rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096, hidden_act="silu",
                    attention_bias=False, mlp_bias=False)
-SHAPES = {"1b": LLAMA_3_2_1B, "3b": LLAMA_3_2_3B, "8b": LLAMA_3_1_8B, "13b": LLAMA_2_13B}
+# The published configurations (bench_plan.py --largest plans them).
+PUBLISHED = {"Llama-3.2-1B": LLAMA_3_2_1B, "Llama-3.2-3B": LLAMA_3_2_3B, "Llama-3.1-8B": LLAMA_3_1_8B,
+             "Llama-2-13B": LLAMA_2_13B}
+# The shapes built here. The 13B one has one change: the embedded tokenizer's ids reach 49,151, past Llama 2's
+# 32,000, so its embedding and head have 49,152 rows (+176 M parameters, +1.3%: a little larger, not smaller).
+SHAPES = {"1b": LLAMA_3_2_1B, "3b": LLAMA_3_2_3B, "8b": LLAMA_3_1_8B, "13b": dict(LLAMA_2_13B, vocab_size=49152)}
 RELEASES = {"1b": "3.2", "3b": "3.2", "8b": "3.1", "13b": "2"}
 
 

@@ -1,7 +1,7 @@
 """The memory plan (engine/memory_plan.py) against measurement: predicted peak vs the measured peak
 RSS of the same training run, for the embedded model and the Llama-3.2-1B shape (random weights),
-in fp32 / bf16 / 8-bit / 4-bit, batch 1 and 8; also the Llama-3.2-3B and Llama-3.1-8B shapes on request
-(``--models 3b``, ``--models 8b``).
+in fp32 / bf16 / 8-bit / 4-bit, batch 1 and 8; also the Llama-3.2-3B, Llama-3.1-8B and Llama-2-13B shapes on
+request (``--models 3b``, ``8b``, ``13b``).
 
     python benchmarks/bench_plan.py                       # the whole table (the 1B rows take minutes each)
     python benchmarks/bench_plan.py --models embedded --modes bf16 --batches 8
@@ -107,8 +107,8 @@ def params_of(folder: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="embedded,1b",
-                        help="embedded, 1b, 3b, 8b (the Llama-3.2-1B, -3B and Llama-3.1-8B shapes with random "
-                             "weights)")
+                        help="embedded, 1b, 3b, 8b, 13b (the Llama-3.2-1B, -3B, Llama-3.1-8B and Llama-2-13B "
+                             "shapes with random weights, llama_1b_shape.py)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--extra", default="", help="more train flags for every run, e.g. '--max_length 256'")

@@ -5,9 +5,7 @@
     python run_fine_tuning.py                 # all tasks on the embedded model and sample data
     python run_fine_tuning.py --task train    # one task
 """
-import sys
-
-from fine_tuning_llms.cli import main
+from fine_tuning_llms.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

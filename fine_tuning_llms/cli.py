@@ -18,12 +18,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import MISSING
 from pathlib import Path
-from typing import Optional, get_args, get_origin
+from typing import NoReturn, Optional, get_args, get_origin
 
 import yaml
 
 from .engine.config import TASKS_IN_ORDER, Config, group_fields
-from .engine.distributed import close_process_group, is_main_process, quiet_other_ranks
+from .engine.distributed import close_process_group, end_launched_rank, is_main_process, quiet_other_ranks, world_size
 from .engine.errors import UserError
 from .engine.outputs import TaskOutputs
 from .engine.run_lock import output_lock
@@ -337,5 +337,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def entry() -> NoReturn:
+    """The command line's way in (run_fine_tuning.py, ``python -m fine_tuning_llms``, the
+    ``fine-tuning-llms`` script): main's status becomes the exit code. A rank of a launch ends
+    without interpreter teardown (``end_launched_rank`` says why); main itself stays a plain call."""
+    status = main()
+    if world_size() > 1:
+        end_launched_rank(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import SAMPLE_CONVERSATIONS
 
+from fine_tuning_llms import cli
 from fine_tuning_llms.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +120,31 @@ def test_the_process_group_is_destroyed_when_main_returns(argv, capsys):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_launched_rank_ends_without_teardown_and_one_process_exits_normally(world, monkeypatch, capsys):
+    """A launched rank's group can outlive destroy_process_group (FSDP2 holds it), and its teardown at
+    interpreter exit could abort a finished rank: the entry ends such a rank with os._exit, after
+    flushing, with main's status. A single process exits the usual way (SystemExit, atexit runs)."""
+    monkeypatch.setenv("WORLD_SIZE", world)
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ended = []
+
+    def fake_exit(status):
+        ended.append(status)
+        raise SystemExit("os._exit")
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(sys, "argv", ["run_fine_tuning.py", "--task", "no_such_task"])
+    with pytest.raises(SystemExit) as stop:
+        cli.entry()
+    assert error_lines(capsys.readouterr().err)  # main ran and said what was wrong
+    if world == "2":
+        assert ended == [2] and stop.value.code == "os._exit"
+    else:
+        assert ended == [] and stop.value.code == 2
 
 
 def test_fsdp_with_kbit_weights_on_cpu_stops_in_one_line(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+from typing import NoReturn
 
 import torch
 
@@ -162,6 +164,20 @@ def close_process_group() -> None:
     the whole launch. A local call, no collective, so it is safe on the error path too."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def end_launched_rank(status: int) -> NoReturn:
+    """End a launched rank with ``status`` once ``main`` has returned, without interpreter teardown.
+    ``close_process_group`` is not enough under FSDP2: after it (and a gc.collect), rank 1's FSDP
+    state still held the group through references Python's collector cannot see, so the group and
+    its gloo threads were destroyed only during finalisation, where a finished rank could still
+    abort and fail the whole launch (seen in CI after ``final_model/`` was written). By now every
+    output is written and closed (atomic writes), the lock released and the group destroyed; the
+    toolkit registers no atexit work in a launched rank, so only the streams need flushing."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 def is_sharded(model) -> bool:

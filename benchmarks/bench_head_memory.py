@@ -23,8 +23,8 @@ def child(fused: bool, vocab: int, rows: int, length: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from fine_tuning_llms.engine.host_memory import peak_rss_mb
     from fine_tuning_llms.engine.kernels.packed_sdpa import register_packed_attention
-    from fine_tuning_llms.engine.memory_plan import peak_rss_mb
     from fine_tuning_llms.engine.trainer import trained_token_loss
 
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ request (``--models 3b``, ``8b``, ``13b``).
     python benchmarks/bench_plan.py --models 8b --modes 4bit --batches 8 --extra=--gradient_checkpointing
 
 Each row is one ``run_fine_tuning.py --task train --max_steps 3`` in its own process; its peak RSS
-is that process's own (``memory_plan.peak_rss_mb``: VmHWM, not the ``ru_maxrss`` a child inherits from
+is that process's own (``host_memory.peak_rss_mb``: VmHWM, not the ``ru_maxrss`` a child inherits from
 its parent), and the prediction is the plan the run itself printed and saved
 (``final_model/metrics.json``, ``memory_plan``). "bf16" is the CPU default here (--dtype auto:
 bf16 weights and autocast where the CPU computes bf16); "fp32" is --dtype float32.

@@ -187,7 +187,7 @@ def main() -> None:
     if args._child:
         import logging
 
-        from fine_tuning_llms.engine.memory_plan import peak_rss_mb
+        from fine_tuning_llms.engine.host_memory import peak_rss_mb
         logging.basicConfig(level=logging.WARNING)
         with tempfile.TemporaryDirectory() as tmp:
             fn = {"toolkit": lambda: child_toolkit(args, Path(tmp) / "out"),

@@ -30,6 +30,7 @@ from .engine.artefacts import atomic_write_json
 from .engine.chat_format import tokenize_conversations
 from .engine.config import Config
 from .engine.data import load_train_eval
+from .engine.distributed import is_main_process, world_size
 from .engine.errors import UserError
 from .engine.memory_plan import MB, STAND_IN_PASSES, options_that_fit, plan_training, training_passes
 from .engine.models import load_tokenizer, pick_device, resolve_model
@@ -65,6 +66,9 @@ def run(cfg: Config) -> dict:
         result["options_that_fit"] = fits
         log.warning("Does not fit: ~%s MB needed, %s MB available. Options that fit: %s", f"{plan.training / MB:,.0f}",
                     f"{plan.available / MB:,.0f}", "; ".join(fits) or "none (a smaller model, or more memory)")
+    elif world_size() > 1:  # one process's speed says little about N processes sharing the cores
+        log.info("No trial run under a launch of %d processes: run --task plan without the launcher to time one "
+                 "process's steps", world_size())
     else:
         timing = time_steps(cfg, training_passes(cfg.train, len(examples)))
         steps = math.ceil(len(examples) / (cfg.train.batch_size * cfg.train.grad_accum))
@@ -77,16 +81,17 @@ def run(cfg: Config) -> dict:
         if timing.get("peak_rss_mb"):
             log.info("The trial run's measured peak: %s MB (predicted %s MB)", f"{timing['peak_rss_mb']:,.0f}",
                      f"{plan.peak / MB:,.0f}")
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / PLAN_FILE, result)
+    if is_main_process():  # under a launch every rank plans the same; rank 0 writes
+        out = Path(cfg.run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / PLAN_FILE, result)
     return result
 
 
 # The trial run: the CLI in a child process that writes its own peak RSS (MB, ``peak_rss_mb``) on exit
 # to the file named by its first argument (benchmarks/bench_plan.py measures its rows the same way).
 PEAK_RSS_WRAPPER = ("import atexit, pathlib, runpy, sys; out = pathlib.Path(sys.argv.pop(1)); "
-                    "from fine_tuning_llms.engine.memory_plan import peak_rss_mb; "
+                    "from fine_tuning_llms.engine.host_memory import peak_rss_mb; "
                     "atexit.register(lambda: out.write_text(str(peak_rss_mb()))); "
                     "sys.argv[0] = 'fine_tuning_llms'; runpy.run_module('fine_tuning_llms', run_name='__main__')")
 

@@ -126,9 +126,10 @@ def test_a_run_that_does_not_fit_stops_before_loading_and_names_what_fits(tiny_m
 def steady_rss(monkeypatch):
     """Each plan counts what the process holds when it is made: held still, so the plans a test compares
     differ only by their settings (a drift of a few hundred KB can flip a tiny model's fit)."""
-    from fine_tuning_llms.engine import memory_plan
+    from fine_tuning_llms.engine import host_memory, memory_plan
 
-    monkeypatch.setattr(memory_plan, "current_rss", lambda: 500.0 * 1024 ** 2)
+    for module in (memory_plan, host_memory):  # the plan's own count, and what is available
+        monkeypatch.setattr(module, "current_rss", lambda: 500.0 * 1024 ** 2)
 
 
 def test_options_that_fit_are_real_options(tiny_model_dir, write_jsonl, sample_conversations, tmp_path,
@@ -164,6 +165,55 @@ def test_training_passes_counts_one_process_share(monkeypatch):
     assert training_passes(train, 100, processes=4) == 2 * 4  # 25 examples each: ceil(25 / 8)
     monkeypatch.setenv("WORLD_SIZE", "4")  # a launch's processes, read from the environment by default
     assert training_passes(train, 100) == 2 * 4
+
+
+def launched(monkeypatch, *, rank: int, processes: int, here: int) -> None:
+    """The environment torchrun gives rank ``rank`` of ``processes``, ``here`` of them on this machine."""
+    for name, value in (("WORLD_SIZE", processes), ("RANK", rank), ("LOCAL_WORLD_SIZE", here),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", 29500)):
+        monkeypatch.setenv(name, str(value))
+
+
+def test_a_launch_plans_each_process_for_its_share_of_the_machine(tiny_model_dir, monkeypatch, steady_rss):
+    """Two processes on one CPU machine that each fit alone may not fit together: each plans for half."""
+    from fine_tuning_llms.engine import host_memory
+
+    monkeypatch.setattr(host_memory, "free_memory", lambda: 8.0 * 1024 ** 3)
+    assert host_memory.available_memory() == 500 * MB + 8 * 1024 ** 3  # one process: all that is free
+    launched(monkeypatch, rank=1, processes=4, here=2)  # two machines of two processes
+    assert host_memory.available_memory(16) == 8 * 1024 ** 3
+    assert host_memory.available_memory() == 500 * MB + 4 * 1024 ** 3
+    assert host_memory.available_memory(16, torch.device("cuda")) == 16 * 1024 ** 3  # a GPU each: no sharing
+    plan = plan_for(tiny_model_dir, [50] * 16)
+    assert any("2 processes of this launch share this machine" in note for note in plan.notes)
+    from fine_tuning_llms.engine import kernels  # each process makes its own packed copies: half each
+
+    monkeypatch.setattr(kernels, "free_memory", lambda: 8.0 * 1024 ** 3)
+    assert kernels._available_memory() == 4 * 1024 ** 3
+    launched(monkeypatch, rank=1, processes=2, here=1)  # one process on each of two machines
+    assert host_memory.available_memory(16) == 16 * 1024 ** 3
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_plan_task_under_a_launch_runs_no_trial_and_only_rank_0_writes(tiny_model_dir, write_jsonl,
+                                                                       sample_conversations, tmp_path, monkeypatch,
+                                                                       rank):
+    """A trial run started by a rank would inherit the launch's environment (and one process's speed does
+    not time N processes sharing the cores), and only rank 0 writes files."""
+    from fine_tuning_llms import plan
+    from fine_tuning_llms.engine.config import Config
+
+    def no_trial(*args, **kwargs):
+        raise AssertionError("a rank of a launch started a trial run")
+
+    monkeypatch.setattr(plan, "time_steps", no_trial)
+    launched(monkeypatch, rank=rank, processes=2, here=2)
+    cfg = Config()
+    cfg.model.model, cfg.data.dataset_path = str(tiny_model_dir), str(write_jsonl(sample_conversations * 4))
+    cfg.run.output_dir, cfg.train.lora_r = str(tmp_path / "plan"), 4
+    result = plan.run(cfg)
+    assert result["fits"] is True and "timing" not in result
+    assert (tmp_path / "plan" / "plan.json").exists() == (rank == 0)
 
 
 @pytest.mark.skipif(not weight_packing_available(torch.float32), reason="this torch build cannot pack weights")
@@ -268,7 +318,7 @@ def test_a_model_the_plan_cannot_build_still_trains(tiny_model_dir, write_jsonl,
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_freed_memory_goes_back_to_the_system():
     """Blocks freed between live ones stay resident until the allocator is asked to return them."""
-    from fine_tuning_llms.engine.memory_plan import current_rss, return_freed_memory
+    from fine_tuning_llms.engine.host_memory import current_rss, return_freed_memory
 
     blocks = [torch.ones(16 * 1024) for _ in range(3000)]  # 64 KB each: the heap, not mmap
     kept = blocks[::10]  # live blocks in between keep the freed ones off the heap's top

@@ -29,6 +29,17 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def processes_on_this_machine() -> int:
+    """This launch's processes on this machine (``LOCAL_WORLD_SIZE``, which torchrun and ``accelerate
+    launch`` set); 1 outside a launch. They share the machine's memory and cores."""
+    if world_size() <= 1:
+        return 1
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 

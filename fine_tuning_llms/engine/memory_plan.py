@@ -25,14 +25,14 @@ shape in bf16/8-bit/4-bit at batch 8 (benchmarks/RESULTS.md, ``benchmarks/bench_
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from .config import Config
+from .distributed import processes_on_this_machine
+from .host_memory import available_memory, current_rss
 from .weight_files import bytes_stored_in, file_bytes
 
 log = logging.getLogger(__name__)
@@ -81,80 +81,6 @@ class MemoryPlan:
                 "training_mb": round(self.training / MB), "step_tokens": self.step_tokens,
                 "available_mb": round(self.available / MB) if self.available else None,
                 "parts_mb": {k: round(v / MB, 1) for k, v in self.parts.items()}}
-
-
-def current_rss() -> float:
-    import psutil
-
-    return float(psutil.Process().memory_info().rss)
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak RSS in MB. Linux's ``ru_maxrss`` is not that: a child started by
-    ``subprocess`` (vfork, then exec) starts with its parent's peak, so a trial run launched from a
-    process that once held 3.5 GB reports 3.5 GB. /proc's ``VmHWM`` belongs to the process's own
-    memory map; ``ru_maxrss`` stays the answer where there is no /proc (bytes on macOS, KiB elsewhere)."""
-    import resource
-    import sys
-
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 ** 2 if sys.platform == "darwin" else peak / 1024
-
-
-def return_freed_memory() -> bool:
-    """Hand the pages of freed blocks that glibc's allocator still holds back to the system
-    (``malloc_trim(0)``); True where that ran (Linux with glibc), False elsewhere.
-
-    Freed tensors stay resident in the allocator's free lists, and the next phase's allocations,
-    of other sizes, often do not fit them: its peak then adds to what the last phase left. Called
-    between phases (before each held-out evaluation), it lowered the Llama-3.2-1B shape's 8-bit
-    train peak RSS by ~0.9 GB (benchmarks/RESULTS.md)."""
-    trim = _malloc_trim()
-    if trim is None:
-        return False
-    trim(0)
-    return True
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None (musl, macOS, Windows): looked up once, since finding the C
-    library runs ``ldconfig``."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-def available_memory(limit_gb: float | None = None, device: torch.device | None = None) -> float | None:
-    """Bytes the run may grow to: on CPU this process's RSS plus the machine's (or cgroup's) free
-    memory; on CUDA the GPU's free memory; ``limit_gb`` when planning for another machine."""
-    if limit_gb:
-        return limit_gb * 1024 ** 3
-    if device is not None and device.type == "cuda":
-        return float(torch.cuda.mem_get_info(device)[0]) + torch.cuda.memory_allocated(device)
-    import psutil
-
-    free = float(psutil.virtual_memory().available)
-    try:  # a container's own limit is lower than the host's free memory
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = float(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-        if limit != "max":
-            free = min(free, float(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return current_rss() + free
 
 
 def meta_model(location: str, trust_remote_code: bool = False):
@@ -344,6 +270,8 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
     loading = process + weights + LOAD_SLACK * pages
     training = process + weights + trainable + packed_copies + buffers + activations + head
     notes = [] if on_cpu else [f"GPU memory of {device}; host memory is not planned"]
+    if on_cpu and processes_on_this_machine() > 1:
+        notes.append(f"per process: {processes_on_this_machine()} processes of this launch share this machine's memory")
     if quant and t.gradient_checkpointing and on_cpu:
         notes.append(f"k-bit with --gradient_checkpointing: measured peaks ran up to ~{KBIT_CHECKPOINT_ROOM:.0%} above "
                      "this plan (memory the allocator keeps, benchmarks/RESULTS.md); leave room")

@@ -25,8 +25,8 @@ from . import chat_format
 from .artefacts import atomic_write_json, atomic_write_text
 from .batching import PackingCollator, pad_batch
 from .distributed import is_main_process, is_sharded, shard_counts, use_fsdp_on_cpu
+from .host_memory import return_freed_memory
 from .kernels import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
-from .memory_plan import return_freed_memory
 from .precision import autocast_dtype
 from .run_identity import IDENTITY_FILE
 

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import logging
 import types
-from pathlib import Path
 
 import torch
 
+from ..distributed import processes_on_this_machine
+from ..host_memory import free_memory
 from . import lora_linear
 from .attention import PackedAttentionFunction, attention_forward, flash_ops_missing
 from .buffers import release_buffers
@@ -87,15 +88,10 @@ def release_packed_weights(model: torch.nn.Module) -> int:
     return freed
 
 
-def _available_memory() -> int | None:
-    """MemAvailable of this machine in bytes (Linux), or None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+def _available_memory() -> float:
+    """This process's share of the free memory (the machine's, or its container's where that is lower;
+    split between a launch's processes on this machine, each of which makes its own copies)."""
+    return free_memory() / processes_on_this_machine()
 
 
 def _weight_packing_fits(lora_layers: list) -> bool:

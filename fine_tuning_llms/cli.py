@@ -228,6 +228,9 @@ def validate(cfg: Config) -> None:
         problems.append(f"--lora_dropout must be in [0, 1) (got {t.lora_dropout})")
     if not 0 <= t.warmup_ratio < 1:
         problems.append(f"--warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
+    if t.memory_gb is not None and t.memory_gb <= 0:
+        problems.append(f"--memory_gb must be positive, the GB to plan for (got {t.memory_gb}); leave it out to plan "
+                        "for this machine's free memory")
     if t.max_steps == 0 or t.max_steps < -1:
         problems.append(f"--max_steps must be positive or -1 (got {t.max_steps})")
     if m.load_8bit and m.load_4bit:

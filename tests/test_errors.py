@@ -86,6 +86,8 @@ SETTINGS = [
     (["--max_length", "8"], "--max_length 8 is too short"),
     (["--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
     (["--max_steps", "0"], "--max_steps must be positive or -1"),
+    (["--memory_gb", "-1"], "--memory_gb must be positive"),
+    (["--memory_gb", "0"], "--memory_gb must be positive"),
 ]
 
 

@@ -188,7 +188,6 @@ def test_a_launch_plans_each_process_for_its_share_of_the_machine(tiny_model_dir
     assert any("2 processes of this launch share this machine" in note for note in plan.notes)
     from fine_tuning_llms.engine import kernels  # each process makes its own packed copies: half each
 
-    monkeypatch.setattr(kernels, "free_memory", lambda: 8.0 * 1024 ** 3)
     assert kernels._available_memory() == 4 * 1024 ** 3
     launched(monkeypatch, rank=1, processes=2, here=1)  # one process on each of two machines
     assert host_memory.available_memory(16) == 16 * 1024 ** 3
@@ -201,7 +200,6 @@ def test_plan_task_under_a_launch_runs_no_trial_and_only_rank_0_writes(tiny_mode
     """A trial run started by a rank would inherit the launch's environment (and one process's speed does
     not time N processes sharing the cores), and only rank 0 writes files."""
     from fine_tuning_llms import plan
-    from fine_tuning_llms.engine.config import Config
 
     def no_trial(*args, **kwargs):
         raise AssertionError("a rank of a launch started a trial run")

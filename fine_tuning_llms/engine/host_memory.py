@@ -71,12 +71,16 @@ def available_memory(limit_gb: float | None = None, device: torch.device | None 
     machine. A launch's processes on one CPU machine share it: each plans for 1/N of what is free
     (of ``limit_gb``), or N processes that each fit alone would together run out."""
     on_gpu = device is not None and device.type == "cuda"
-    share = 1 if on_gpu else processes_on_this_machine()
     if limit_gb:
-        return limit_gb * 1024 ** 3 / share
+        return limit_gb * 1024 ** 3 / (1 if on_gpu else processes_on_this_machine())
     if on_gpu:
         return float(torch.cuda.mem_get_info(device)[0]) + torch.cuda.memory_allocated(device)
-    return current_rss() + free_memory() / share
+    return current_rss() + free_memory_share()
+
+
+def free_memory_share() -> float:
+    """This process's share of ``free_memory``: a launch's processes on this machine split it."""
+    return free_memory() / processes_on_this_machine()
 
 
 def free_memory() -> float:

@@ -30,8 +30,7 @@ import types
 
 import torch
 
-from ..distributed import processes_on_this_machine
-from ..host_memory import free_memory
+from ..host_memory import free_memory_share
 from . import lora_linear
 from .attention import PackedAttentionFunction, attention_forward, flash_ops_missing
 from .buffers import release_buffers
@@ -91,7 +90,7 @@ def release_packed_weights(model: torch.nn.Module) -> int:
 def _available_memory() -> float:
     """This process's share of the free memory (the machine's, or its container's where that is lower;
     split between a launch's processes on this machine, each of which makes its own copies)."""
-    return free_memory() / processes_on_this_machine()
+    return free_memory_share()
 
 
 def _weight_packing_fits(lora_layers: list) -> bool:

@@ -212,10 +212,12 @@ def run(cfg: Config) -> dict:
         if cfg.train.fused_kernels:
             log.info("Fused kernels: off under FSDP (they keep whole-weight copies in every process)")
     if fused:
-        from .engine.kernels import packing_for_run, use_fused_kernels
+        from .engine.kernels import head_for_fused_loss, packing_for_run, use_fused_kernels
         pack = packing_for_run(cfg.train.pack_weights, training_passes(cfg.train, len(train_set.examples)), device)
-        log.info("Fused kernels: %d LoRA/attention/RMSNorm layers (and the vocabulary head with the loss) train "
-                 "through one autograd node each", use_fused_kernels(model, pack_weights=pack))
+        head = ("the vocabulary head with the loss, one node" if head_for_fused_loss(model) is not None and
+                cfg.train.trained_logits_only else "the vocabulary head keeps the model's own code")
+        log.info("Fused kernels: %d LoRA/attention/RMSNorm layers train through one autograd node each; %s",
+                 use_fused_kernels(model, pack_weights=pack), head)
     trainable, total = count_parameters(model)
     log.info("Trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     log.info("Resolved settings:\n%s", format_settings(cfg))

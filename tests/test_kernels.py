@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import count_applies, run_without_gradients, with_test_lora
+from tiny import FAMILY_MODELS, build_family_model, count_applies, run_without_gradients, with_test_lora
 from transformers import AutoModelForCausalLM
 
 from fine_tuning_llms.engine import kernels
@@ -514,7 +514,7 @@ def test_a_changed_attention_signature_routes_nothing(tiny_model_dir, monkeypatc
     assert "LlamaAttention.forward" in line and "--fused_kernels false" in line
 
 
-def test_head_node_only_for_exactly_llama(tiny_model_dir):
+def test_head_node_only_for_the_classes_it_reproduces(tiny_model_dir):
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
@@ -524,6 +524,11 @@ def test_head_node_only_for_exactly_llama(tiny_model_dir):
     config = AutoConfig.from_pretrained(tiny_model_dir)
     assert head_for_fused_loss(LlamaForCausalLM(config).requires_grad_(False)) is not None  # a frozen head
     assert head_for_fused_loss(ScaledLogitsLlama(config).requires_grad_(False)) is None
+    assert head_for_fused_loss(LlamaForCausalLM(config)) is None  # a trained head keeps the model's path
+    # every family's own class: Gemma-2/3 soft-cap their logits, the others make them as Llama does
+    for family in FAMILY_MODELS:
+        model = build_family_model(family, 64).requires_grad_(False)
+        assert (head_for_fused_loss(model) is not None) == (family not in ("gemma2", "gemma3")), family
 
 
 class OpsWithout:

@@ -5,8 +5,9 @@ OLMo-2), each with every attention implementation it runs on CPU: (a) packed los
 one-by-one loss on the training and the held-out paths; (b) 4 float32 training steps with the
 defaults (packing, trained-logits-only, fused kernels) give the same per-step and held-out losses
 as the plain way; (c) --gradient_checkpointing gives the same loss and gradients while keeping less.
-Also: the fused kernels touch only the Llama modules whose maths they copy, and a packing that
-leaks is caught by the self-check and replaced by padding.
+Also: the fused kernels touch only the modules whose maths they copy (the attention node only where
+no sliding window cuts a conversation), and a packing that leaks is caught by the self-check and
+replaced by padding.
 """
 import csv
 import json
@@ -65,14 +66,46 @@ def test_fused_kernels_touch_only_what_they_reproduce(family_dirs, family):
     model = lora_model(family_dirs[family], FAMILY_ATTENTION[family][-1])
     use_fused_kernels(model)
     routed = {type(m).__name__ for m in model.modules() if "forward" in vars(m)}
-    if family == "llama":
-        assert routed == {"LlamaAttention", "LlamaRMSNorm", "Linear"}
-        assert head_for_fused_loss(model) is not None
+    # attention where it is Llama's but for a sliding window (Mistral, Qwen2), norms that are Llama's line
+    # for line; Gemma's 1 + w norms, OLMo-2's norm, Qwen3's q/k-normed and Phi-3's fused attention keep
+    # their own code; bias-free plain LoRA linears (the same maths in every family) take the LoRA node
+    expected = {"llama": {"LlamaAttention", "LlamaRMSNorm"}, "mistral": {"MistralAttention", "MistralRMSNorm"},
+                "qwen2": {"Qwen2Attention", "Qwen2RMSNorm"}, "qwen3": {"Qwen3RMSNorm"}, "phi3": {"Phi3RMSNorm"}}
+    assert routed == {"Linear", *expected.get(family, ())}
+    # the head node: every family whose causal LM makes its logits as Llama's does (Gemma-2/3 soft-cap)
+    assert (head_for_fused_loss(model) is not None) == (family not in ("gemma2", "gemma3"))
+
+
+@pytest.mark.parametrize("family,window,node", [
+    ("mistral", None, True), ("mistral", 4096, True), ("mistral", 16, False),
+    ("qwen2", None, True), ("qwen2", 16, False)])
+def test_the_attention_node_runs_where_no_sliding_window_cuts_a_conversation(examples, monkeypatch, tmp_path,
+                                                                             family, window, node):
+    from tiny import count_applies
+
+    from fine_tuning_llms.engine.kernels import PackedAttentionFunction
+
+    if family == "qwen2" and window is not None:  # Qwen2 windows only the layers its config marks sliding
+        overrides = {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 0}
     else:
-        # their attention, norms (Gemma's 1 + w, q/k norms) and heads (soft-capping) keep their own code;
-        # only bias-free plain LoRA linears (the same maths in every family) take the LoRA node
-        assert routed <= {"Linear"}
-        assert head_for_fused_loss(model) is None
+        overrides = {"sliding_window": window} if family == "mistral" else {}
+    folder = save_family_checkpoint(tmp_path / family, family, **overrides)
+    batch = packing.PackingCollator()(examples[:4])
+    assert max(packing.packed_lengths(batch["position_ids"])) > 16  # a 16-token window cuts these conversations
+    calls, results = count_applies(monkeypatch, PackedAttentionFunction), []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = lora_model(folder, "sdpa")
+        if fused:
+            use_fused_kernels(model)
+        assert packing.choose_layout(model, examples, enabled=True, fused_head=fused).packed
+        calls.clear()  # the self-check's own steps
+        results.append(saved_bytes_and_grads(model, batch))
+    assert len(calls) == (model.config.num_hidden_layers if node else 0)
+    (loss, grads, _), (fused_loss, fused_grads, _) = results
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=0)
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def block_diagonal(position_ids):

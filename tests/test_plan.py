@@ -423,3 +423,18 @@ def test_kernel_caches_stay_bounded_over_new_shapes():
     # a capacity the user set is kept; torch's own 1,024 grows with every new shape (~370 MB here)
     onednn, ideep, growth = probe(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024", LRU_CACHE_CAPACITY="1024")
     assert (onednn, ideep) == ("1024", "1024") and growth > 50, growth
+
+
+@pytest.mark.parametrize("family,fused", [("llama", True), ("qwen2", True), ("gemma2", False)])
+def test_the_head_is_planned_as_the_path_training_takes(family, fused, tmp_path, monkeypatch):
+    from tiny import save_family_checkpoint
+
+    from fine_tuning_llms.engine import memory_plan
+
+    folder = save_family_checkpoint(tmp_path / family, family)
+    monkeypatch.setattr(memory_plan, "HEAD_CHUNK_BYTES", 1.0)  # smaller than any step's logits: the two paths differ
+    for fused_kernels in (True, False):
+        plan = plan_for(folder, [50] * 16, batch_size=4, fused_kernels=fused_kernels)
+        vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+        whole_logits = 3.0 * 4 * (plan.step_tokens // 2) * vocab  # fp32 logits of every trained position
+        assert plan.parts["head logits"] == (1.0 if fused and fused_kernels else pytest.approx(whole_logits))

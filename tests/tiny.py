@@ -310,11 +310,12 @@ FAMILY_ATTENTION["gemma2"] = ("eager",)
 
 
 def build_family_model(family: str, vocab_size: int, *, seed: int = 0, attn: str | None = None,
-                       special_ids: dict | None = None):
+                       special_ids: dict | None = None, **overrides):
     import torch
     import transformers
 
     config_name, model_name, extra = FAMILY_MODELS[family]
+    extra = {**extra, **overrides}
     # special ids inside the tiny vocabulary (some configs default to ids of their real vocabulary)
     ids = special_ids or {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
     config = getattr(transformers, config_name)(
@@ -326,12 +327,12 @@ def build_family_model(family: str, vocab_size: int, *, seed: int = 0, attn: str
     return getattr(transformers, model_name)(config)
 
 
-def save_family_checkpoint(folder: Path, family: str, *, seed: int = 0) -> Path:
+def save_family_checkpoint(folder: Path, family: str, *, seed: int = 0, **config) -> Path:
     """A tiny random model of ``family`` with the ChatML test tokenizer (the template is not what
-    differs between architectures)."""
+    differs between architectures); ``config`` overrides the family's test config."""
     tok = build_tokenizer("chatml")
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    model = build_family_model(family, len(tok), seed=seed, special_ids=ids)
+    model = build_family_model(family, len(tok), seed=seed, special_ids=ids, **config)
     for name, value in ids.items():
         setattr(model.generation_config, name, value)
     folder.mkdir(parents=True, exist_ok=True)

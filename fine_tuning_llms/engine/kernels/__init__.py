@@ -5,8 +5,9 @@ small ops, written as one autograd node with a hand-written backward, one node p
 - ``int8_lora``: a LoRA layer over a bitsandbytes 8-bit layer (``--load_8bit``), on CPU;
 - ``nf4_lora``: a LoRA layer over a bitsandbytes 4-bit layer (``--load_4bit``), on CPU;
 - ``buffers``: the scratch buffers those two dequantise into and the head works in, reused between calls;
-- ``attention``: causal attention of a packed row's conversations, rotary embedding included (CPU);
-- ``rmsnorm``: Llama's RMSNorm;
+- ``attention``: causal attention of a packed row's conversations, rotary embedding included (CPU;
+  Llama, and Mistral and Qwen2 where no sliding window cuts a conversation);
+- ``rmsnorm``: Llama's RMSNorm (and the families' norms that are it line for line);
 - ``head_loss``: the vocabulary head with the cross-entropy, never holding the whole logits;
 - ``packed_sdpa``: the attention implementation for packed rows that the attention node builds on;
 - ``frozen_matmul``: the LoRA and head nodes' products with a frozen weight, in fp32 on CPU through
@@ -32,9 +33,17 @@ import torch
 
 from ..host_memory import free_memory_share
 from . import lora_linear
-from .attention import PackedAttentionFunction, attention_forward, flash_ops_missing
+from .attention import ATTENTION_CLASSES, PackedAttentionFunction, attention_forward, flash_ops_missing
 from .buffers import release_buffers
-from .guards import BITSANDBYTES_TESTED, TESTED_VERSIONS, bitsandbytes_tested, fused_paths_refused, missing_ops
+from .guards import (
+    BITSANDBYTES_TESTED,
+    TESTED_VERSIONS,
+    attention_signature_matches,
+    bitsandbytes_tested,
+    fused_paths_refused,
+    missing_ops,
+    qualified_name,
+)
 from .head_loss import HeadCrossEntropyFunction, head_chunk_rows, head_for_fused_loss
 from .int8_lora import Int8LoraLinearFunction, int8_adapter, int8_lora_forward
 from .lora_linear import (
@@ -50,7 +59,7 @@ from .lora_linear import (
     weight_packing_available,
 )
 from .nf4_lora import Nf4LoraLinearFunction, dequantize_self_check, nf4_adapter, nf4_lora_forward
-from .rmsnorm import RMSNormFunction, rmsnorm_forward
+from .rmsnorm import NORM_CLASSES, RMSNormFunction, rmsnorm_forward
 
 __all__ = [
     "PACK_MIN_PASSES",
@@ -123,34 +132,37 @@ def packing_for_run(requested: bool, passes: float, device: torch.device) -> boo
 
 
 def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
-    """Route every qualifying LoRA linear layer, Llama attention and Llama RMSNorm of ``model``
-    through the fused nodes while training; returns how many modules were routed.
+    """Route every qualifying LoRA linear layer, attention (``attention.ATTENTION_CLASSES``) and
+    RMSNorm (``rmsnorm.NORM_CLASSES``) of ``model`` through the fused nodes while training; returns
+    how many modules were routed.
 
     Nothing is routed (one log line says why) where the installed transformers or PEFT is outside
     ``TESTED_VERSIONS`` or LlamaAttention.forward no longer takes the arguments the attention node
-    passes on; attention alone stays as it is where this torch build lacks the CPU flash ops.
+    passes on; attention alone stays as it is where this torch build lacks the CPU flash ops, and
+    an attention class whose forward takes other arguments keeps its own code.
     With ``pack_weights`` the LoRA layers' frozen CPU weights are also reordered once for oneDNN
     (``PackedWeight``, one copy for the input gradient), unless this torch build lacks the ops or
     the copies would take more than a quarter of the memory this machine has available."""
-    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
-
     refused = fused_paths_refused()
     if refused:
         log.warning(refused)
         return 0
     modules = list(model.modules())
     flash_missing = flash_ops_missing()
-    if flash_missing and any(type(m) is LlamaAttention for m in modules):
+    if flash_missing and any(qualified_name(type(m)) in ATTENTION_CLASSES for m in modules):
         log.info("Packed attention node off: this torch build lacks %s; attention keeps transformers' code",
                  ", ".join(flash_missing))
-    patched, lora_layers, bnb_tested = 0, [], None
+    patched, lora_layers, bnb_tested, signatures = 0, [], None, {}
     for module in modules:
-        if type(module) is LlamaAttention:  # takes its path only for packed rows (packing on)
-            if not flash_missing:
+        kind = qualified_name(type(module))
+        if kind in ATTENTION_CLASSES:  # takes its path only for packed rows (packing on)
+            if kind not in signatures:
+                signatures[kind] = attention_signature_matches(type(module))
+            if not flash_missing and signatures[kind]:
                 module.forward = types.MethodType(attention_forward, module)
                 patched += 1
             continue
-        if type(module) is LlamaRMSNorm:  # exactly this maths (Gemma's norm, for one, scales by 1 + w)
+        if kind in NORM_CLASSES:  # exactly this maths (Gemma's norm, for one, scales by 1 + w)
             module.forward = types.MethodType(rmsnorm_forward, module)
             patched += 1
             continue

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .guards import missing_ops
+from .guards import missing_ops, qualified_name
 
 # torch.ops.aten, looked up only when used: a torch build may lack them
 FLASH_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward")
@@ -31,6 +31,30 @@ FLASH_OPS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product
 # faster for shorter ones. Query rows per block: the block's scores stay small enough for the cache.
 MATMUL_BACKWARD_MIN = 384
 BACKWARD_BLOCK_ROWS = 64
+
+
+def _no_window(module) -> None:
+    return None
+
+
+def _config_window(module) -> int | None:
+    return getattr(module.config, "sliding_window", None)
+
+
+def _layer_window(module) -> int | None:
+    return module.sliding_window
+
+
+# The attention classes the node takes, each with the sliding window its own forward passes to the
+# attention function. In the tested transformers releases Mistral's and Qwen2's forward is
+# LlamaAttention's line for line but for that window (Qwen2's q/k/v biases live in the projections,
+# which are called as modules). A window no shorter than any conversation of the row changes nothing,
+# so the node runs there; a shorter one keeps the model's code (tests/test_packing_families.py).
+ATTENTION_CLASSES = {
+    "transformers.models.llama.modeling_llama.LlamaAttention": _no_window,
+    "transformers.models.mistral.modeling_mistral.MistralAttention": _config_window,
+    "transformers.models.qwen2.modeling_qwen2.Qwen2Attention": _layer_window,
+}
 
 
 def flash_ops_missing() -> list[str]:
@@ -175,9 +199,10 @@ class PackedAttentionFunction(torch.autograd.Function):
 
 
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-    """LlamaAttention.forward, except for a packed row in training with gradients on CPU, where the
-    rotary embedding and the per-conversation attention run as one node. The arguments are passed
-    on in LlamaAttention.forward's order, which ``guards.attention_signature_matches`` checks."""
+    """The attention class's own forward (``ATTENTION_CLASSES``), except for a packed row in training
+    with gradients on CPU, where the rotary embedding and the per-conversation attention run as one
+    node. The arguments are passed on in LlamaAttention.forward's order, which
+    ``guards.attention_signature_matches`` checks for each class."""
     from .packed_sdpa import PACKED_SDPA, packed_lengths
 
     position_ids = kwargs.get("position_ids")
@@ -185,10 +210,13 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
             or hidden_states.shape[0] != 1 or hidden_states.device.type != "cpu" or self.attention_dropout
             or self.config._attn_implementation != PACKED_SDPA or int(position_ids[0, 0]) != 0):
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+    lengths = packed_lengths(position_ids)
+    window = ATTENTION_CLASSES[qualified_name(type(self))](self)
+    if window is not None and max(lengths) > window:  # the window cuts a conversation: the model's masked path
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
     x = hidden_states[0]
     cos, sin = position_embeddings
-    out = PackedAttentionFunction.apply(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos[0], sin[0],
-                                        packed_lengths(position_ids),
+    out = PackedAttentionFunction.apply(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos[0], sin[0], lengths,
                                         self.config.num_attention_heads, self.config.num_key_value_heads,
                                         float(self.scaling))
     return self.o_proj(out)[None], None

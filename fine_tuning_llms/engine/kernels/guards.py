@@ -4,7 +4,7 @@ signature the attention node calls, and the private torch ops some nodes need.
 The nodes lean on code that is not a public API. The LoRA node reads PEFT's layer attributes
 (``lora_A``/``lora_B``, ``scaling``, ``lora_variant``, ``active_adapters``, ``merged``...), the
 attention node calls ``LlamaAttention.forward`` with its arguments in order, and the head node
-assumes ``LlamaForCausalLM`` makes its logits as ``lm_head(hidden)`` with nothing else. Any of
+assumes the causal LMs it takes make their logits as ``lm_head(hidden)`` with nothing else. Any of
 these can change in a minor release without a warning, so outside the tested releases the fused
 paths stay off and the model's own code runs.
 
@@ -73,12 +73,14 @@ def untested_versions() -> dict[str, str]:
     return untested
 
 
-def attention_signature_matches() -> bool:
-    """Whether LlamaAttention.forward still takes the arguments the attention node passes on."""
-    from transformers.models.llama.modeling_llama import LlamaAttention
+def attention_signature_matches(cls: type | None = None) -> bool:
+    """Whether ``cls.forward`` (default LlamaAttention's) still takes the arguments the attention
+    node passes on."""
+    if cls is None:
+        from transformers.models.llama.modeling_llama import LlamaAttention as cls
 
     try:
-        parameters = list(inspect.signature(LlamaAttention.forward).parameters.values())
+        parameters = list(inspect.signature(cls.forward).parameters.values())
     except (TypeError, ValueError):
         return False
     return (tuple(p.name for p in parameters) == ATTENTION_PARAMETERS
@@ -99,6 +101,12 @@ def fused_paths_refused(check_signature: bool = True) -> str | None:
                 f"no longer takes ({', '.join(ATTENTION_PARAMETERS[1:-1])}, **kwargs); training takes PEFT's and "
                 "transformers' own code (--fused_kernels false silences this)")
     return None
+
+
+def qualified_name(cls: type) -> str:
+    """``module.ClassName`` of a class: what the nodes' exact type checks compare, without importing
+    every model family's module to get the class objects."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def private_op(namespace: str, name: str):

@@ -12,7 +12,7 @@ import torch
 
 from .buffers import reused_buffer
 from .frozen_matmul import frozen_input_grad, frozen_linear
-from .guards import untested_versions
+from .guards import qualified_name, untested_versions
 
 
 class HeadCrossEntropyFunction(torch.autograd.Function):
@@ -61,19 +61,34 @@ def head_chunk_rows(vocab_size: int, budget: int = 1 << 24) -> int:
     return max(1, budget // vocab_size)
 
 
+# The causal-LM classes whose forward makes its logits as ``lm_head(model(...).last_hidden_state)``
+# and nothing else: in the tested transformers releases their forward is LlamaForCausalLM's line for
+# line (tests/test_packing_families.py trains each with and without the node). Gemma-2/3 soft-cap their
+# logits and keep their own path, as does any other class, a subclass of these included.
+HEAD_CLASSES = frozenset(f"transformers.models.{module}.modeling_{module}.{name}ForCausalLM" for module, name in (
+    ("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("phi3", "Phi3"),
+    ("olmo2", "Olmo2"), ("gemma", "Gemma")))
+
+
+def head_node_reproduces(lm: torch.nn.Module) -> bool:
+    """Whether the head node computes what this causal LM's own forward does (an exact class check
+    and a plain bias-free float head; a meta-device model works too). Whether the head is frozen is
+    the caller's to check."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    return (qualified_name(type(lm)) in HEAD_CLASSES and type(head) is torch.nn.Linear and head.bias is None
+            and head.weight.dtype.is_floating_point)
+
+
 def head_for_fused_loss(model: torch.nn.Module):
-    """(decoder, head weight) of a PEFT-wrapped or plain Llama causal LM whose head this node
-    reproduces (a bias-free frozen Linear, no logit scaling), else None.
+    """(decoder, head weight) of a PEFT-wrapped or plain causal LM whose head this node reproduces
+    (``HEAD_CLASSES``: a bias-free frozen Linear, no logit scaling or soft-capping), else None.
 
-    Exactly ``LlamaForCausalLM``: a subclass may make its logits some other way (scaling,
-    soft-capping), so it keeps its own path; so does every model outside the tested releases."""
-    from transformers.models.llama.modeling_llama import LlamaForCausalLM
-
+    An exact class check: a subclass may make its logits some other way (scaling, soft-capping), so
+    it keeps its own path; so does every model outside the tested releases."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if type(lm) is not LlamaForCausalLM or untested_versions():
+    if not head_node_reproduces(lm) or untested_versions():
         return None
     head = lm.get_output_embeddings()
-    if (type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad
-            or not head.weight.dtype.is_floating_point):
-        return None  # a trained head (new tokens) or a wrapped/quantised one keeps the model's own path
+    if head.weight.requires_grad:
+        return None  # a trained head (new tokens) keeps the model's own path
     return lm.model, head.weight

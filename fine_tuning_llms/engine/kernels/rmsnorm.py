@@ -3,11 +3,17 @@
 transformers' LlamaRMSNorm is eight autograd ops forward and about twelve backward, and a Llama
 model calls it 2 x layers + 1 times a step; with LoRA its weight is frozen, so the node only has to
 give the input's gradient, written out by hand (benchmarks/RESULTS.md has the per-call times).
-Only ``LlamaRMSNorm`` itself takes it (an exact type check): Gemma's norm, for one, scales by 1 + w.
+Only the classes in ``NORM_CLASSES`` take it (an exact type check): Gemma's norm, for one, scales by
+1 + w, and OLMo-2's multiplies before casting back.
 """
 from __future__ import annotations
 
 import torch
+
+# RMSNorm classes whose __init__ and forward are LlamaRMSNorm's line for line in the tested
+# transformers releases (tests/test_packing_families.py trains each family with and without the node).
+NORM_CLASSES = frozenset(f"transformers.models.{module}.modeling_{module}.{name}RMSNorm" for module, name in (
+    ("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("phi3", "Phi3")))
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -33,7 +39,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rmsnorm_forward(self, hidden_states):
-    """LlamaRMSNorm.forward, except in training with gradients where the fused node runs."""
+    """The norm's own forward (LlamaRMSNorm's maths), except in training with gradients where the fused node runs."""
     if not (self.training and torch.is_grad_enabled()) or self.weight.requires_grad:
         return type(self).forward(self, hidden_states)
     return RMSNormFunction.apply(hidden_states, self.weight, float(self.variance_epsilon))

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import FAMILY_MODELS, build_family_model, count_applies, run_without_gradients, with_test_lora
+from tiny import (
+    FAMILY_MODELS,
+    build_family_model,
+    count_applies,
+    run_without_gradients,
+    save_family_checkpoint,
+    with_test_lora,
+)
 from transformers import AutoModelForCausalLM
 
 from fine_tuning_llms.engine import kernels
@@ -183,7 +190,33 @@ def test_weight_packing_is_skipped_when_memory_is_short(tiny_model_dir, monkeypa
     assert all(m._lora_kernel_pack for m in lora_layers(model))
 
 
-@pytest.mark.parametrize("lora", [dict(lora_dropout=0.1), dict(use_dora=True)])
+def test_a_frozen_bias_takes_the_node_and_a_trained_one_keeps_peft(tmp_path, monkeypatch):
+    folder = save_family_checkpoint(tmp_path / "qwen2", "qwen2")  # q/k/v with biases
+
+    def model_with_biases(**lora):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        torch.manual_seed(0)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:  # not zero: they must count
+                torch.nn.init.normal_(module.bias, std=0.5)
+        return with_test_lora(model, **lora)
+
+    ids = torch.randint(0, 300, (2, 11))
+    model = model_with_biases()
+    peft_loss, peft_grads = loss_and_grads(model, ids)
+    calls = count_applies(monkeypatch, LoraLinearFunction)
+    use_fused_kernels(model)
+    layers = model.config.num_hidden_layers
+    assert_same_loss_and_grads(loss_and_grads(model, ids), (peft_loss, peft_grads))
+    assert len(calls) == 7 * layers  # q/k/v with their biases too
+    calls.clear()
+    trained = model_with_biases(bias="all")  # PEFT trains every bias: q/k/v keep its code
+    use_fused_kernels(trained)
+    loss_and_grads(trained, ids)
+    assert len(calls) == 4 * layers
+
+
+@pytest.mark.parametrize("lora", [dict(lora_dropout=0.1), dict(use_dora=True), dict(lora_bias=True)])
 def test_layers_it_cannot_reproduce_keep_peft(tiny_model_dir, lora):
     layers = lora_model(tiny_model_dir).config.num_hidden_layers
     assert use_fused_kernels(lora_model(tiny_model_dir, **lora)) == layers + 2 * layers + 1  # attention and norms only

@@ -69,13 +69,15 @@ def _onednn_op(a: torch.Tensor, weight: torch.Tensor):
     return private_op("mkldnn", "_linear_pointwise")
 
 
-def frozen_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T``: x (N, in), weight (out, in). With ``out``, written there (torch's matmul
-    writes in place, the same kernel and result as ``F.linear``; oneDNN's result is copied in)."""
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T`` (``+ bias``, added inside the product as ``F.linear`` does): x (N, in), weight
+    (out, in). With ``out`` (no bias), written there (torch's matmul writes in place, the same kernel
+    and result as ``F.linear``; oneDNN's result is copied in)."""
     op = _onednn_op(x, weight)
     if op is None:
-        return F.linear(x, weight) if out is None else torch.mm(x, weight.t(), out=out)
-    product = op(x.contiguous(), weight.contiguous(), None, "none", [], "")
+        return F.linear(x, weight, bias) if out is None else torch.mm(x, weight.t(), out=out)
+    product = op(x.contiguous(), weight.contiguous(), bias, "none", [], "")
     return product if out is None else out.copy_(product)
 
 

@@ -10,8 +10,9 @@ Here the same maths is one ``torch.autograd.Function`` with a hand-written backw
 matmuls forward (the LoRA product added in place), five backward, no full-size casts. The
 parameters are PEFT's own tensors (A, B in fp32, updated by the optimizer as usual), so
 checkpoints and saved adapters are unchanged; only the compute path is. It is used while
-training with gradients on plain LoRA layers (no DoRA, no dropout, unquantised float base
-weights); everything else, eval and generation included, keeps PEFT's code.
+training with gradients on plain LoRA layers (no DoRA, no dropout, no bias of B's own,
+unquantised float base weights, a base bias only if frozen); everything else, eval and
+generation included, keeps PEFT's code.
 
 On CPU the frozen base weights are also reordered once, while training, into the blocked layout
 oneDNN computes the input gradient ``g @ W`` with (``PackedWeight``): a plain matmul reorders its
@@ -34,15 +35,17 @@ PACK_MIN_PASSES = 32
 
 class LoraLinearFunction(torch.autograd.Function):
     """x: (N, in) in the compute dtype; weight: frozen (out, in); lora_a: (r, in); lora_b: (out, r);
-    packed: None, or ``weight``'s ``PackedWeight`` for the input gradient through the frozen weight."""
+    packed: None, or ``weight``'s ``PackedWeight`` for the input gradient through the frozen weight;
+    bias: None, or the base layer's frozen bias (out,) (Qwen2's q/k/v, for one)."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, scaling: float, packed=None):
+    def forward(ctx, x, weight, lora_a, lora_b, scaling: float, packed=None, bias=None):
         dtype = x.dtype
         a = lora_a.to(dtype)
         b = lora_b.to(dtype)
         xa = x @ a.t()                                        # (N, r)
-        y = frozen_linear(x, weight.to(dtype))                # (N, out) base
+        # (N, out) base, with its bias in the same product as the base layer's own F.linear
+        y = frozen_linear(x, weight.to(dtype), bias=None if bias is None else bias.to(dtype))
         y.addmm_(xa, b.t(), alpha=scaling)                    # + s * (x A^T) B^T, in place
         ctx.save_for_backward(x, weight, a, b, xa)
         ctx.scaling = scaling
@@ -63,7 +66,7 @@ class LoraLinearFunction(torch.autograd.Function):
             else:
                 grad_x = frozen_input_grad(grad_y, weight.to(grad_y.dtype))
             grad_x.addmm_(grad_xa, a, alpha=s)                # + s * (grad_y B) A
-        return grad_x, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None
+        return grad_x, None, grad_a.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None
 
 
 def lora_branch_grads(grad_y, x, b, xa, scaling: float):
@@ -155,19 +158,26 @@ def plain_adapter(module) -> str | None:
         return None  # 8-bit layers take int8_lora.py; 4-bit and other layer kinds keep PEFT's code
     if not module.base_layer.weight.dtype.is_floating_point:
         return None
-    return one_plain_adapter(module)
+    return one_plain_adapter(module, frozen_bias=True)
 
 
-def one_plain_adapter(module) -> str | None:
-    """A PEFT LoRA layer's one active adapter if it is plain LoRA over a bias-free base (what the LoRA
-    nodes compute), else None: DoRA and other variants, dropout, several adapters keep PEFT's code."""
-    if module.base_layer.bias is not None or len(module.active_adapters) != 1:
+def one_plain_adapter(module, frozen_bias: bool = False) -> str | None:
+    """A PEFT LoRA layer's one active adapter if it is plain LoRA over a bias-free base (with
+    ``frozen_bias``: or a base whose bias is frozen), what the LoRA nodes compute, else None: DoRA and
+    other variants, dropout, several adapters, a trained bias keep PEFT's code."""
+    bias = module.base_layer.bias
+    if (bias is not None and not (frozen_bias and _frozen(bias))) or len(module.active_adapters) != 1:
         return None
     name = module.active_adapters[0]
     if (name not in module.lora_A or name in getattr(module, "lora_variant", {})
-            or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
+            or not isinstance(module.lora_dropout[name], torch.nn.Identity)
+            or module.lora_B[name].bias is not None):  # PEFT's lora_bias: B with a bias of its own
         return None
     return name
+
+
+def _frozen(bias) -> bool:
+    return not bias.requires_grad and bias.dtype.is_floating_point
 
 
 def node_may_run(module, args: tuple, kwargs: dict) -> bool:
@@ -189,9 +199,11 @@ def lora_linear_forward(self, x, *args, **kwargs):
         dtype = x.dtype
     else:  # e.g. bf16 base without autocast: PEFT runs LoRA in fp32 there; keep its code
         return type(self).forward(self, x, *args, **kwargs)
-    weight = self.base_layer.weight
+    weight, bias = self.base_layer.weight, self.base_layer.bias
+    if bias is not None and not _frozen(bias):  # a bias made trainable after routing: PEFT's code trains it
+        return type(self).forward(self, x, *args, **kwargs)
     with torch.autocast(device_type, enabled=False):
         y = LoraLinearFunction.apply(x.reshape(-1, x.shape[-1]).to(dtype), weight, self.lora_A[name].weight,
                                      self.lora_B[name].weight, float(self.scaling[name]),
-                                     _packed_weight(self, weight, dtype))
+                                     _packed_weight(self, weight, dtype), bias)
     return y.view(*x.shape[:-1], y.shape[-1])

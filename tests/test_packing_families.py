@@ -66,11 +66,12 @@ def test_fused_kernels_touch_only_what_they_reproduce(family_dirs, family):
     model = lora_model(family_dirs[family], FAMILY_ATTENTION[family][-1])
     use_fused_kernels(model)
     routed = {type(m).__name__ for m in model.modules() if "forward" in vars(m)}
-    # attention where it is Llama's but for a sliding window (Mistral, Qwen2), norms that are Llama's line
-    # for line; Gemma's 1 + w norms, OLMo-2's norm, Qwen3's q/k-normed and Phi-3's fused attention keep
-    # their own code; bias-free plain LoRA linears (the same maths in every family) take the LoRA node
+    # attention where it is Llama's but for a sliding window (Mistral, Qwen2) and q/k norms (Qwen3), norms
+    # that are Llama's line for line; Gemma's 1 + w norms, OLMo-2's norm and Phi-3's fused attention keep
+    # their own code; plain LoRA linears (the same maths in every family) take the LoRA node
     expected = {"llama": {"LlamaAttention", "LlamaRMSNorm"}, "mistral": {"MistralAttention", "MistralRMSNorm"},
-                "qwen2": {"Qwen2Attention", "Qwen2RMSNorm"}, "qwen3": {"Qwen3RMSNorm"}, "phi3": {"Phi3RMSNorm"}}
+                "qwen2": {"Qwen2Attention", "Qwen2RMSNorm"}, "qwen3": {"Qwen3Attention", "Qwen3RMSNorm"},
+                "phi3": {"Phi3RMSNorm"}}
     assert routed == {"Linear", *expected.get(family, ())}
     # the head node: every family whose causal LM makes its logits as Llama's does (Gemma-2/3 soft-cap)
     assert (head_for_fused_loss(model) is not None) == (family not in ("gemma2", "gemma3"))
@@ -78,14 +79,14 @@ def test_fused_kernels_touch_only_what_they_reproduce(family_dirs, family):
 
 @pytest.mark.parametrize("family,window,node", [
     ("mistral", None, True), ("mistral", 4096, True), ("mistral", 16, False),
-    ("qwen2", None, True), ("qwen2", 16, False)])
+    ("qwen2", None, True), ("qwen2", 16, False), ("qwen3", None, True), ("qwen3", 16, False)])
 def test_the_attention_node_runs_where_no_sliding_window_cuts_a_conversation(examples, monkeypatch, tmp_path,
                                                                              family, window, node):
     from tiny import count_applies
 
     from fine_tuning_llms.engine.kernels import PackedAttentionFunction
 
-    if family == "qwen2" and window is not None:  # Qwen2 windows only the layers its config marks sliding
+    if family != "mistral" and window is not None:  # Qwen windows only the layers its config marks sliding
         overrides = {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 0}
     else:
         overrides = {"sliding_window": window} if family == "mistral" else {}

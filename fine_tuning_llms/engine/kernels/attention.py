@@ -45,15 +45,18 @@ def _layer_window(module) -> int | None:
     return module.sliding_window
 
 
-# The attention classes the node takes, each with the sliding window its own forward passes to the
-# attention function. In the tested transformers releases Mistral's and Qwen2's forward is
-# LlamaAttention's line for line but for that window (Qwen2's q/k/v biases live in the projections,
-# which are called as modules). A window no shorter than any conversation of the row changes nothing,
-# so the node runs there; a shorter one keeps the model's code (tests/test_packing_families.py).
+# The attention classes the node takes: (the sliding window the class's own forward passes to the
+# attention function, whether it RMS-normalises each head of q and k before the rotary embedding). In
+# the tested transformers releases Mistral's, Qwen2's and Qwen3's forward is LlamaAttention's line for
+# line but for that window and Qwen3's q_norm/k_norm (Qwen2's q/k/v biases live in the projections,
+# which are called as modules, as are Qwen3's norms). A window no shorter than any conversation of the
+# row changes nothing, so the node runs there; a shorter one keeps the model's code
+# (tests/test_packing_families.py).
 ATTENTION_CLASSES = {
-    "transformers.models.llama.modeling_llama.LlamaAttention": _no_window,
-    "transformers.models.mistral.modeling_mistral.MistralAttention": _config_window,
-    "transformers.models.qwen2.modeling_qwen2.Qwen2Attention": _layer_window,
+    "transformers.models.llama.modeling_llama.LlamaAttention": (_no_window, False),
+    "transformers.models.mistral.modeling_mistral.MistralAttention": (_config_window, False),
+    "transformers.models.qwen2.modeling_qwen2.Qwen2Attention": (_layer_window, False),
+    "transformers.models.qwen3.modeling_qwen3.Qwen3Attention": (_layer_window, True),
 }
 
 
@@ -211,12 +214,17 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
             or self.config._attn_implementation != PACKED_SDPA or int(position_ids[0, 0]) != 0):
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
     lengths = packed_lengths(position_ids)
-    window = ATTENTION_CLASSES[qualified_name(type(self))](self)
+    window_of, head_norms = ATTENTION_CLASSES[qualified_name(type(self))]
+    window = window_of(self)
     if window is not None and max(lengths) > window:  # the window cuts a conversation: the model's masked path
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
     x = hidden_states[0]
     cos, sin = position_embeddings
-    out = PackedAttentionFunction.apply(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos[0], sin[0], lengths,
+    q, k = self.q_proj(x), self.k_proj(x)
+    if head_norms:  # Qwen3: each head's q and k normalised by its own RMSNorm module, as its forward does
+        q = self.q_norm(q.view(len(x), -1, self.head_dim)).reshape(len(x), -1)
+        k = self.k_norm(k.view(len(x), -1, self.head_dim)).reshape(len(x), -1)
+    out = PackedAttentionFunction.apply(q, k, self.v_proj(x), cos[0], sin[0], lengths,
                                         self.config.num_attention_heads, self.config.num_key_value_heads,
                                         float(self.scaling))
     return self.o_proj(out)[None], None

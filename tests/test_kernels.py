@@ -558,10 +558,14 @@ def test_head_node_only_for_the_classes_it_reproduces(tiny_model_dir):
     assert head_for_fused_loss(LlamaForCausalLM(config).requires_grad_(False)) is not None  # a frozen head
     assert head_for_fused_loss(ScaledLogitsLlama(config).requires_grad_(False)) is None
     assert head_for_fused_loss(LlamaForCausalLM(config)) is None  # a trained head keeps the model's path
-    # every family's own class: Gemma-2/3 soft-cap their logits, the others make them as Llama does
+    # every family's own class: Gemma-2 soft-caps its logits (its default config), the others make them as
+    # Llama does; Gemma-2/3 exactly when their config sets no soft-capping
     for family in FAMILY_MODELS:
         model = build_family_model(family, 64).requires_grad_(False)
-        assert (head_for_fused_loss(model) is not None) == (family not in ("gemma2", "gemma3")), family
+        assert (head_for_fused_loss(model) is not None) == (family != "gemma2"), family
+    for family, cap in (("gemma2", None), ("gemma3", 30.0)):
+        model = build_family_model(family, 64, final_logit_softcapping=cap).requires_grad_(False)
+        assert (head_for_fused_loss(model) is not None) == (cap is None), family
 
 
 class OpsWithout:

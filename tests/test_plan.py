@@ -425,7 +425,7 @@ def test_kernel_caches_stay_bounded_over_new_shapes():
     assert (onednn, ideep) == ("1024", "1024") and growth > 50, growth
 
 
-@pytest.mark.parametrize("family,fused", [("llama", True), ("qwen2", True), ("gemma2", False)])
+@pytest.mark.parametrize("family,fused", [("llama", True), ("qwen2", True), ("gemma3", True), ("gemma2", False)])
 def test_the_head_is_planned_as_the_path_training_takes(family, fused, tmp_path, monkeypatch):
     from tiny import save_family_checkpoint
 

@@ -61,27 +61,41 @@ def head_chunk_rows(vocab_size: int, budget: int = 1 << 24) -> int:
     return max(1, budget // vocab_size)
 
 
+def _always(lm) -> bool:
+    return True
+
+
+def _no_final_softcap(lm) -> bool:
+    return getattr(lm.config, "final_logit_softcapping", None) is None
+
+
 # The causal-LM classes whose forward makes its logits as ``lm_head(model(...).last_hidden_state)``
-# and nothing else: in the tested transformers releases their forward is LlamaForCausalLM's line for
-# line (tests/test_packing_families.py trains each with and without the node). Gemma-2/3 soft-cap their
-# logits and keep their own path, as does any other class, a subclass of these included.
-HEAD_CLASSES = frozenset(f"transformers.models.{module}.modeling_{module}.{name}ForCausalLM" for module, name in (
-    ("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("phi3", "Phi3"),
-    ("olmo2", "Olmo2"), ("gemma", "Gemma")))
+# and nothing else, each with the condition under which that holds: in the tested transformers
+# releases their forward is LlamaForCausalLM's line for line, Gemma-2's and Gemma-3's but for a
+# soft-capping of the logits that runs only when the config sets ``final_logit_softcapping``
+# (Gemma-2's default does; gemma-3-270m's does not). tests/test_packing_families.py trains each family
+# with and without the node. Any other class, a subclass of these included, keeps its own path.
+HEAD_CLASSES = {f"transformers.models.{module}.modeling_{module}.{name}ForCausalLM": condition
+                for module, name, condition in (
+                    ("llama", "Llama", _always), ("mistral", "Mistral", _always), ("qwen2", "Qwen2", _always),
+                    ("qwen3", "Qwen3", _always), ("phi3", "Phi3", _always), ("olmo2", "Olmo2", _always),
+                    ("gemma", "Gemma", _always), ("gemma2", "Gemma2", _no_final_softcap),
+                    ("gemma3", "Gemma3", _no_final_softcap))}
 
 
 def head_node_reproduces(lm: torch.nn.Module) -> bool:
-    """Whether the head node computes what this causal LM's own forward does (an exact class check
-    and a plain bias-free float head; a meta-device model works too). Whether the head is frozen is
-    the caller's to check."""
-    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    return (qualified_name(type(lm)) in HEAD_CLASSES and type(head) is torch.nn.Linear and head.bias is None
+    """Whether the head node computes what this causal LM's own forward does (an exact class check,
+    its condition, and a plain bias-free float head; a meta-device model works too). Whether the head
+    is frozen is the caller's to check."""
+    condition = HEAD_CLASSES.get(qualified_name(type(lm)))
+    head = lm.get_output_embeddings() if condition is not None else None
+    return (condition is not None and condition(lm) and type(head) is torch.nn.Linear and head.bias is None
             and head.weight.dtype.is_floating_point)
 
 
 def head_for_fused_loss(model: torch.nn.Module):
     """(decoder, head weight) of a PEFT-wrapped or plain causal LM whose head this node reproduces
-    (``HEAD_CLASSES``: a bias-free frozen Linear, no logit scaling or soft-capping), else None.
+    (``HEAD_CLASSES``: a bias-free frozen Linear, no logit scaling or soft-capping in force), else None.
 
     An exact class check: a subclass may make its logits some other way (scaling, soft-capping), so
     it keeps its own path; so does every model outside the tested releases."""

@@ -43,23 +43,39 @@ def test_backward_matches_numerical_gradients():
     assert torch.autograd.gradcheck(lambda x, a, b: LoraLinearFunction.apply(x, weight, a, b, 0.7), (x, a, b))
 
 
-def test_rmsnorm_backward_matches_numerical_gradients():
+@pytest.mark.parametrize("offset", [None, 0.0, 1.0])  # Llama's form, OLMo-2's, Gemma's
+def test_rmsnorm_backward_matches_numerical_gradients(offset):
     torch.manual_seed(0)
     x = torch.randn(4, 6, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(8, dtype=torch.float64) + 0.5
-    assert torch.autograd.gradcheck(lambda x: RMSNormFunction.apply(x, weight, 1e-6), (x,))
+    assert torch.autograd.gradcheck(lambda x: RMSNormFunction.apply(x, weight, 1e-6, offset), (x,))
 
 
-def test_rmsnorm_forward_equals_transformers():
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+NORM_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2", "gemma3"]
 
+
+@pytest.mark.parametrize("family", NORM_FAMILIES)
+def test_rmsnorm_node_equals_each_familys_norm(family):
+    """The node, as the family's norm module routes it, against that module's own forward and autograd."""
+    from fine_tuning_llms.engine.kernels.rmsnorm import rmsnorm_forward
+
+    model = build_family_model(family, 64)
+    norm = model.model.norm
     torch.manual_seed(0)
-    norm = LlamaRMSNorm(8, eps=1e-5)
     torch.nn.init.normal_(norm.weight)
+    norm.requires_grad_(False).train()
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(3, 5, 8).to(dtype)
-        torch.testing.assert_close(RMSNormFunction.apply(x, norm.weight.detach().to(dtype), 1e-5),
-                                   norm.to(dtype)(x), rtol=0, atol=0 if dtype == torch.float32 else 1e-2)
+        norm.to(dtype)
+        x = (torch.randn(3, 5, norm.weight.shape[0]) * 3).to(dtype).requires_grad_()
+        grad = torch.randn(3, 5, norm.weight.shape[0]).to(dtype)
+        expected = type(norm).forward(norm, x)
+        (expected_grad,) = torch.autograd.grad(expected, x, grad)
+        got = rmsnorm_forward(norm, x)
+        (got_grad,) = torch.autograd.grad(got, x, grad)
+        assert got.grad_fn is not None and "RMSNormFunction" in type(got.grad_fn).__name__
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)  # the same fp32 operations, in order
+        tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got_grad, expected_grad, **tolerance)
 
 
 def lora_model(model_dir, **lora):

@@ -66,13 +66,14 @@ def test_fused_kernels_touch_only_what_they_reproduce(family_dirs, family):
     model = lora_model(family_dirs[family], FAMILY_ATTENTION[family][-1])
     use_fused_kernels(model)
     routed = {type(m).__name__ for m in model.modules() if "forward" in vars(m)}
-    # attention where it is Llama's but for a sliding window (Mistral, Qwen2) and q/k norms (Qwen3), norms
-    # that are Llama's line for line; Gemma's 1 + w norms, OLMo-2's norm and Phi-3's fused attention keep
+    # attention where it is Llama's but for a sliding window (Mistral, Qwen2) and q/k norms (Qwen3), every
+    # family's RMSNorm (Llama's, OLMo-2's and Gemma's forms); Gemma's, OLMo-2's and Phi-3's attention keep
     # their own code; plain LoRA linears (the same maths in every family) take the LoRA node
-    expected = {"llama": {"LlamaAttention", "LlamaRMSNorm"}, "mistral": {"MistralAttention", "MistralRMSNorm"},
-                "qwen2": {"Qwen2Attention", "Qwen2RMSNorm"}, "qwen3": {"Qwen3Attention", "Qwen3RMSNorm"},
-                "phi3": {"Phi3RMSNorm"}}
-    assert routed == {"Linear", *expected.get(family, ())}
+    attention = {"llama": "LlamaAttention", "mistral": "MistralAttention", "qwen2": "Qwen2Attention",
+                 "qwen3": "Qwen3Attention"}
+    norm = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
+            "olmo2": "Olmo2", "gemma": "Gemma", "gemma2": "Gemma2", "gemma3": "Gemma3"}[family] + "RMSNorm"
+    assert routed == {"Linear", norm, *([attention[family]] if family in attention else [])}
     # the head node: every family whose causal LM makes its logits as Llama's does (Gemma-2 soft-caps them)
     assert (head_for_fused_loss(model) is not None) == (family != "gemma2")
 

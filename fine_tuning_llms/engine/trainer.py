@@ -155,8 +155,8 @@ def trained_token_loss(model, inputs: dict, fused_head: bool = False,
 
     The vocabulary projection (lm_head) runs only where the next token has a label, via the
     model's ``logits_to_keep``; with a 49k vocabulary that is a large share of each step, and
-    the prompt positions never needed logits. With ``fused_head`` (training, an unwrapped Llama
-    with a frozen head) the head and the loss are one node that never holds the whole logits
+    the prompt positions never needed logits. With ``fused_head`` (training, an unwrapped causal LM
+    of ``kernels.head_loss.HEAD_CLASSES`` with a frozen head) the head and the loss are one node that never holds the whole logits
     (``kernels.HeadCrossEntropyFunction``); outputs are then None. The decoder is called
     directly there, so the autocast that accelerate puts around ``model.forward`` is applied here.
     Without gradients (evaluation) the same model's loss is made from its logits a chunk of rows

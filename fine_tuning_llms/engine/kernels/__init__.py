@@ -7,7 +7,7 @@ small ops, written as one autograd node with a hand-written backward, one node p
 - ``buffers``: the scratch buffers those two dequantise into and the head works in, reused between calls;
 - ``attention``: causal attention of a packed row's conversations, rotary embedding included (CPU;
   Llama, and Mistral, Qwen2 and Qwen3 where no sliding window cuts a conversation);
-- ``rmsnorm``: Llama's RMSNorm (and the families' norms that are it line for line);
+- ``rmsnorm``: RMSNorm in the three forms Llama, OLMo-2 and Gemma write it;
 - ``head_loss``: the vocabulary head with the cross-entropy, never holding the whole logits;
 - ``packed_sdpa``: the attention implementation for packed rows that the attention node builds on;
 - ``frozen_matmul``: the LoRA and head nodes' products with a frozen weight, in fp32 on CPU through

@@ -66,11 +66,11 @@ def test_fused_kernels_touch_only_what_they_reproduce(family_dirs, family):
     model = lora_model(family_dirs[family], FAMILY_ATTENTION[family][-1])
     use_fused_kernels(model)
     routed = {type(m).__name__ for m in model.modules() if "forward" in vars(m)}
-    # attention where it is Llama's but for a sliding window (Mistral, Qwen2) and q/k norms (Qwen3), every
-    # family's RMSNorm (Llama's, OLMo-2's and Gemma's forms); Gemma's, OLMo-2's and Phi-3's attention keep
-    # their own code; plain LoRA linears (the same maths in every family) take the LoRA node
+    # attention where it is Llama's but for a sliding window (Mistral, Qwen2) and q/k norms (Qwen3, Gemma-3),
+    # every family's RMSNorm (Llama's, OLMo-2's and Gemma's forms); Gemma-2's (soft-capping), OLMo-2's and
+    # Phi-3's attention keep their own code; plain LoRA linears (the same in every family) take the LoRA node
     attention = {"llama": "LlamaAttention", "mistral": "MistralAttention", "qwen2": "Qwen2Attention",
-                 "qwen3": "Qwen3Attention"}
+                 "qwen3": "Qwen3Attention", "gemma": "GemmaAttention", "gemma3": "Gemma3Attention"}
     norm = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
             "olmo2": "Olmo2", "gemma": "Gemma", "gemma2": "Gemma2", "gemma3": "Gemma3"}[family] + "RMSNorm"
     assert routed == {"Linear", norm, *([attention[family]] if family in attention else [])}
@@ -80,17 +80,18 @@ def test_fused_kernels_touch_only_what_they_reproduce(family_dirs, family):
 
 @pytest.mark.parametrize("family,window,node", [
     ("mistral", None, True), ("mistral", 4096, True), ("mistral", 16, False),
-    ("qwen2", None, True), ("qwen2", 16, False), ("qwen3", None, True), ("qwen3", 16, False)])
+    ("qwen2", None, True), ("qwen2", 16, False), ("qwen3", None, True), ("qwen3", 16, False),
+    ("gemma3", 4096, True), ("gemma3", 16, False)])
 def test_the_attention_node_runs_where_no_sliding_window_cuts_a_conversation(examples, monkeypatch, tmp_path,
                                                                              family, window, node):
     from tiny import count_applies
 
     from fine_tuning_llms.engine.kernels import PackedAttentionFunction
 
-    if family != "mistral" and window is not None:  # Qwen windows only the layers its config marks sliding
+    if family.startswith("qwen") and window is not None:  # Qwen windows only the layers its config marks sliding
         overrides = {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 0}
-    else:
-        overrides = {"sliding_window": window} if family == "mistral" else {}
+    else:  # Mistral's window is the config's; Gemma-3's tiny test model has only sliding layers
+        overrides = {"sliding_window": window} if family in ("mistral", "gemma3") else {}
     folder = save_family_checkpoint(tmp_path / family, family, **overrides)
     batch = packing.PackingCollator()(examples[:4])
     assert max(packing.packed_lengths(batch["position_ids"])) > 16  # a 16-token window cuts these conversations

@@ -47,16 +47,19 @@ def _layer_window(module) -> int | None:
 
 # The attention classes the node takes: (the sliding window the class's own forward passes to the
 # attention function, whether it RMS-normalises each head of q and k before the rotary embedding). In
-# the tested transformers releases Mistral's, Qwen2's and Qwen3's forward is LlamaAttention's line for
-# line but for that window and Qwen3's q_norm/k_norm (Qwen2's q/k/v biases live in the projections,
-# which are called as modules, as are Qwen3's norms). A window no shorter than any conversation of the
-# row changes nothing, so the node runs there; a shorter one keeps the model's code
-# (tests/test_packing_families.py).
+# the tested transformers releases Gemma's forward is LlamaAttention's line for line; Mistral's, Qwen2's,
+# Qwen3's and Gemma-3's are but for that window and the q/k norms of the last two (Qwen2's q/k/v biases
+# live in the projections, which are called as modules, as are the q/k norms; Gemma-3 scales by its own
+# ``self.scaling`` and keeps ``attn_logit_softcapping`` out of the call). A window no shorter than any
+# conversation of the row changes nothing, so the node runs there; a shorter one, or a layer that is
+# not causal, keeps the model's code (tests/test_packing_families.py).
 ATTENTION_CLASSES = {
     "transformers.models.llama.modeling_llama.LlamaAttention": (_no_window, False),
+    "transformers.models.gemma.modeling_gemma.GemmaAttention": (_no_window, False),
     "transformers.models.mistral.modeling_mistral.MistralAttention": (_config_window, False),
     "transformers.models.qwen2.modeling_qwen2.Qwen2Attention": (_layer_window, False),
     "transformers.models.qwen3.modeling_qwen3.Qwen3Attention": (_layer_window, True),
+    "transformers.models.gemma3.modeling_gemma3.Gemma3Attention": (_layer_window, True),
 }
 
 
@@ -211,7 +214,8 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     position_ids = kwargs.get("position_ids")
     if (not (self.training and torch.is_grad_enabled()) or cache is not None or position_ids is None
             or hidden_states.shape[0] != 1 or hidden_states.device.type != "cpu" or self.attention_dropout
-            or self.config._attn_implementation != PACKED_SDPA or int(position_ids[0, 0]) != 0):
+            or self.config._attn_implementation != PACKED_SDPA or int(position_ids[0, 0]) != 0
+            or not getattr(self, "is_causal", True)):
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
     lengths = packed_lengths(position_ids)
     window_of, head_norms = ATTENTION_CLASSES[qualified_name(type(self))]
@@ -221,7 +225,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     x = hidden_states[0]
     cos, sin = position_embeddings
     q, k = self.q_proj(x), self.k_proj(x)
-    if head_norms:  # Qwen3: each head's q and k normalised by its own RMSNorm module, as its forward does
+    if head_norms:  # Qwen3, Gemma-3: each head's q and k normalised by the model's own norm modules
         q = self.q_norm(q.view(len(x), -1, self.head_dim)).reshape(len(x), -1)
         k = self.k_norm(k.view(len(x), -1, self.head_dim)).reshape(len(x), -1)
     out = PackedAttentionFunction.apply(q, k, self.v_proj(x), cos[0], sin[0], lengths,

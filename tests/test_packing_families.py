@@ -66,11 +66,12 @@ def test_fused_kernels_touch_only_what_they_reproduce(family_dirs, family):
     model = lora_model(family_dirs[family], FAMILY_ATTENTION[family][-1])
     use_fused_kernels(model)
     routed = {type(m).__name__ for m in model.modules() if "forward" in vars(m)}
-    # attention where it is Llama's but for a sliding window (Mistral, Qwen2) and q/k norms (Qwen3, Gemma-3),
-    # every family's RMSNorm (Llama's, OLMo-2's and Gemma's forms); Gemma-2's (soft-capping), OLMo-2's and
-    # Phi-3's attention keep their own code; plain LoRA linears (the same in every family) take the LoRA node
+    # attention where it is Llama's but for a sliding window and the q/k/v projections (q/k norms, Phi-3's
+    # fused qkv), every family's RMSNorm (Llama's, OLMo-2's and Gemma's forms); Gemma-2's attention
+    # (soft-capping) keeps its own code; plain LoRA linears (the same in every family) take the LoRA node
     attention = {"llama": "LlamaAttention", "mistral": "MistralAttention", "qwen2": "Qwen2Attention",
-                 "qwen3": "Qwen3Attention", "gemma": "GemmaAttention", "gemma3": "Gemma3Attention"}
+                 "qwen3": "Qwen3Attention", "gemma": "GemmaAttention", "gemma3": "Gemma3Attention",
+                 "olmo2": "Olmo2Attention", "phi3": "Phi3Attention"}
     norm = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3",
             "olmo2": "Olmo2", "gemma": "Gemma", "gemma2": "Gemma2", "gemma3": "Gemma3"}[family] + "RMSNorm"
     assert routed == {"Linear", norm, *([attention[family]] if family in attention else [])}
@@ -81,18 +82,30 @@ def test_fused_kernels_touch_only_what_they_reproduce(family_dirs, family):
 @pytest.mark.parametrize("family,window,node", [
     ("mistral", None, True), ("mistral", 4096, True), ("mistral", 16, False),
     ("qwen2", None, True), ("qwen2", 16, False), ("qwen3", None, True), ("qwen3", 16, False),
-    ("gemma3", 4096, True), ("gemma3", 16, False)])
+    ("gemma3", 4096, True), ("gemma3", 16, False), ("olmo2", None, True), ("phi3", None, True),
+    ("phi3", 16, False)])
 def test_the_attention_node_runs_where_no_sliding_window_cuts_a_conversation(examples, monkeypatch, tmp_path,
                                                                              family, window, node):
+    if family.startswith("qwen") and window is not None:  # Qwen windows only the layers its config marks sliding
+        overrides = {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 0}
+    else:  # Mistral's window is the config's; Gemma-3's tiny test model has only sliding layers
+        overrides = {"sliding_window": window} if family in ("mistral", "gemma3", "phi3") else {}
+    folder = save_family_checkpoint(tmp_path / family, family, **overrides)
+    assert_attention_node_equals_the_plain_way(folder, examples, monkeypatch, node)
+
+
+def test_a_partial_rotary_embedding_keeps_the_models_attention(examples, monkeypatch, tmp_path):
+    folder = save_family_checkpoint(tmp_path / "phi3", "phi3", partial_rotary_factor=0.5)  # Phi-4-mini rotates 3/4
+    assert_attention_node_equals_the_plain_way(folder, examples, monkeypatch, node=False)
+
+
+def assert_attention_node_equals_the_plain_way(folder, examples, monkeypatch, node: bool):
+    """A packed row's loss and gradients with the fused kernels equal the plain path's; the attention
+    node ran on every layer (``node``) or on none."""
     from tiny import count_applies
 
     from fine_tuning_llms.engine.kernels import PackedAttentionFunction
 
-    if family.startswith("qwen") and window is not None:  # Qwen windows only the layers its config marks sliding
-        overrides = {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 0}
-    else:  # Mistral's window is the config's; Gemma-3's tiny test model has only sliding layers
-        overrides = {"sliding_window": window} if family in ("mistral", "gemma3") else {}
-    folder = save_family_checkpoint(tmp_path / family, family, **overrides)
     batch = packing.PackingCollator()(examples[:4])
     assert max(packing.packed_lengths(batch["position_ids"])) > 16  # a 16-token window cuts these conversations
     calls, results = count_applies(monkeypatch, PackedAttentionFunction), []

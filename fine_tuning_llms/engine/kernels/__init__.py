@@ -6,7 +6,7 @@ small ops, written as one autograd node with a hand-written backward, one node p
 - ``nf4_lora``: a LoRA layer over a bitsandbytes 4-bit layer (``--load_4bit``), on CPU;
 - ``buffers``: the scratch buffers those two dequantise into and the head works in, reused between calls;
 - ``attention``: causal attention of a packed row's conversations, rotary embedding included (CPU;
-  Llama and Gemma, and Mistral, Qwen2/3 and Gemma-3 where no sliding window cuts a conversation);
+  Llama's and the families' whose forward differs only in its window and q/k/v projections);
 - ``rmsnorm``: RMSNorm in the three forms Llama, OLMo-2 and Gemma write it;
 - ``head_loss``: the vocabulary head with the cross-entropy, never holding the whole logits;
 - ``packed_sdpa``: the attention implementation for packed rows that the attention node builds on;

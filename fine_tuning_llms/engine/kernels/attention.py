@@ -45,21 +45,48 @@ def _layer_window(module) -> int | None:
     return module.sliding_window
 
 
+def _projections(module, x):
+    return module.q_proj(x), module.k_proj(x), module.v_proj(x)
+
+
+def _head_normed_projections(module, x):
+    """Qwen3, Gemma-3: each head's q and k normalised by the model's own norm modules."""
+    n = len(x)
+    q = module.q_norm(module.q_proj(x).view(n, -1, module.head_dim)).reshape(n, -1)
+    k = module.k_norm(module.k_proj(x).view(n, -1, module.head_dim)).reshape(n, -1)
+    return q, k, module.v_proj(x)
+
+
+def _normed_projections(module, x):
+    """OLMo-2: q and k normalised over their whole width by the model's own norm modules."""
+    return module.q_norm(module.q_proj(x)), module.k_norm(module.k_proj(x)), module.v_proj(x)
+
+
+def _fused_projections(module, x):
+    """Phi-3: one qkv product, split as its forward splits it."""
+    qkv = module.qkv_proj(x)
+    q_width, kv_width = module.config.num_attention_heads * module.head_dim, module.num_key_value_heads * module.head_dim
+    return qkv[:, :q_width], qkv[:, q_width:q_width + kv_width], qkv[:, q_width + kv_width:]
+
+
 # The attention classes the node takes: (the sliding window the class's own forward passes to the
-# attention function, whether it RMS-normalises each head of q and k before the rotary embedding). In
-# the tested transformers releases Gemma's forward is LlamaAttention's line for line; Mistral's, Qwen2's,
-# Qwen3's and Gemma-3's are but for that window and the q/k norms of the last two (Qwen2's q/k/v biases
-# live in the projections, which are called as modules, as are the q/k norms; Gemma-3 scales by its own
-# ``self.scaling`` and keeps ``attn_logit_softcapping`` out of the call). A window no shorter than any
-# conversation of the row changes nothing, so the node runs there; a shorter one, or a layer that is
-# not causal, keeps the model's code (tests/test_packing_families.py).
+# attention function, how it makes q, k and v from the layer's input, each (T, heads * head_dim)). In the
+# tested transformers releases Gemma's forward is LlamaAttention's line for line; Mistral's, Qwen2's,
+# Qwen3's, Gemma-3's, OLMo-2's and Phi-3's are but for that window and those projections (biases and
+# norms live in modules the node calls; Gemma-3 scales by its own ``self.scaling`` and keeps
+# ``attn_logit_softcapping`` out of the call; Phi-3's rotary embedding is Llama's when it covers the
+# whole head). A window no shorter than any conversation of the row changes nothing, so the node runs
+# there; a shorter one, a partial rotary embedding or a layer that is not causal keeps the model's code
+# (tests/test_packing_families.py).
 ATTENTION_CLASSES = {
-    "transformers.models.llama.modeling_llama.LlamaAttention": (_no_window, False),
-    "transformers.models.gemma.modeling_gemma.GemmaAttention": (_no_window, False),
-    "transformers.models.mistral.modeling_mistral.MistralAttention": (_config_window, False),
-    "transformers.models.qwen2.modeling_qwen2.Qwen2Attention": (_layer_window, False),
-    "transformers.models.qwen3.modeling_qwen3.Qwen3Attention": (_layer_window, True),
-    "transformers.models.gemma3.modeling_gemma3.Gemma3Attention": (_layer_window, True),
+    "transformers.models.llama.modeling_llama.LlamaAttention": (_no_window, _projections),
+    "transformers.models.gemma.modeling_gemma.GemmaAttention": (_no_window, _projections),
+    "transformers.models.mistral.modeling_mistral.MistralAttention": (_config_window, _projections),
+    "transformers.models.qwen2.modeling_qwen2.Qwen2Attention": (_layer_window, _projections),
+    "transformers.models.qwen3.modeling_qwen3.Qwen3Attention": (_layer_window, _head_normed_projections),
+    "transformers.models.gemma3.modeling_gemma3.Gemma3Attention": (_layer_window, _head_normed_projections),
+    "transformers.models.olmo2.modeling_olmo2.Olmo2Attention": (_no_window, _normed_projections),
+    "transformers.models.phi3.modeling_phi3.Phi3Attention": (_config_window, _fused_projections),
 }
 
 
@@ -218,17 +245,14 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
             or not getattr(self, "is_causal", True)):
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
     lengths = packed_lengths(position_ids)
-    window_of, head_norms = ATTENTION_CLASSES[qualified_name(type(self))]
+    window_of, projections = ATTENTION_CLASSES[qualified_name(type(self))]
     window = window_of(self)
-    if window is not None and max(lengths) > window:  # the window cuts a conversation: the model's masked path
-        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
-    x = hidden_states[0]
     cos, sin = position_embeddings
-    q, k = self.q_proj(x), self.k_proj(x)
-    if head_norms:  # Qwen3, Gemma-3: each head's q and k normalised by the model's own norm modules
-        q = self.q_norm(q.view(len(x), -1, self.head_dim)).reshape(len(x), -1)
-        k = self.k_norm(k.view(len(x), -1, self.head_dim)).reshape(len(x), -1)
-    out = PackedAttentionFunction.apply(q, k, self.v_proj(x), cos[0], sin[0], lengths,
+    if (window is not None and max(lengths) > window) or cos.shape[-1] != self.head_dim:
+        # a window that cuts a conversation, or a rotary embedding over part of each head: the model's code
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+    q, k, v = projections(self, hidden_states[0])
+    out = PackedAttentionFunction.apply(q, k, v, cos[0], sin[0], lengths,
                                         self.config.num_attention_heads, self.config.num_key_value_heads,
                                         float(self.scaling))
     return self.o_proj(out)[None], None

@@ -3,7 +3,7 @@ signature the attention node calls, and the private torch ops some nodes need.
 
 The nodes lean on code that is not a public API. The LoRA node reads PEFT's layer attributes
 (``lora_A``/``lora_B``, ``scaling``, ``lora_variant``, ``active_adapters``, ``merged``...), the
-attention node calls ``LlamaAttention.forward`` with its arguments in order, and the head node
+attention node calls each class's own forward with ``LlamaAttention.forward``'s arguments in order, and the head node
 assumes the causal LMs it takes make their logits as ``lm_head(hidden)`` with nothing else. Any of
 these can change in a minor release without a warning, so outside the tested releases the fused
 paths stay off and the model's own code runs.

@@ -563,6 +563,22 @@ def test_a_changed_attention_signature_routes_nothing(tiny_model_dir, monkeypatc
     assert "LlamaAttention.forward" in line and "--fused_kernels false" in line
 
 
+def test_a_familys_changed_attention_signature_keeps_only_that_class_off(tmp_path, monkeypatch, caplog):
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    model = with_test_lora(AutoModelForCausalLM.from_pretrained(save_family_checkpoint(tmp_path / "q", "qwen2")))
+
+    def reordered(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(Qwen2Attention, "forward", reordered)
+    with caplog.at_level(logging.INFO, logger=kernels.__name__):
+        use_fused_kernels(model)
+    assert routed(model) == {"Qwen2RMSNorm", "Linear"}  # the norms and LoRA layers still take their nodes
+    (line,) = [line for line in kernel_log(caplog) if "attention" in line]
+    assert line.startswith("Packed attention node off for Qwen2Attention")
+
+
 def test_head_node_only_for_the_classes_it_reproduces(tiny_model_dir):
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaForCausalLM

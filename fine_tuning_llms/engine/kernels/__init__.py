@@ -36,6 +36,7 @@ from . import lora_linear
 from .attention import ATTENTION_CLASSES, PackedAttentionFunction, attention_forward, flash_ops_missing
 from .buffers import release_buffers
 from .guards import (
+    ATTENTION_PARAMETERS,
     BITSANDBYTES_TESTED,
     TESTED_VERSIONS,
     attention_signature_matches,
@@ -158,6 +159,9 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
         if kind in ATTENTION_CLASSES:  # takes its path only for packed rows (packing on)
             if kind not in signatures:
                 signatures[kind] = attention_signature_matches(type(module))
+                if not signatures[kind]:
+                    log.info("Packed attention node off for %s: its forward no longer takes (%s, **kwargs); it keeps "
+                             "its own code", type(module).__name__, ", ".join(ATTENTION_PARAMETERS[1:-1]))
             if not flash_missing and signatures[kind]:
                 module.forward = types.MethodType(attention_forward, module)
                 patched += 1

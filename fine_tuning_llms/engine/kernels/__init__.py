@@ -166,7 +166,7 @@ def use_fused_kernels(model: torch.nn.Module, pack_weights: bool = True) -> int:
                 module.forward = types.MethodType(attention_forward, module)
                 patched += 1
             continue
-        if kind in NORM_CLASSES:  # exactly this maths (Gemma's norm, for one, scales by 1 + w)
+        if kind in NORM_CLASSES:  # one of the three forms the node computes (its frozen weight only)
             module.forward = types.MethodType(rmsnorm_forward, module)
             patched += 1
             continue

@@ -193,14 +193,6 @@ def activation_bytes_per_token(config, act_bytes: int) -> float:
     return float(layers * per_layer * act_bytes)
 
 
-def _head_node_runs(model) -> bool:
-    """Whether training ``model`` (its meta copy) takes the fused head node, as ``trained_token_loss`` decides."""
-    from .kernels.guards import untested_versions
-    from .kernels.head_loss import head_node_reproduces
-
-    return head_node_reproduces(model) and not untested_versions()
-
-
 def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch.device, packed: bool,
                 weight_dtype: torch.dtype, autocast: torch.dtype | None, process: float | None = None,
                 limit_gb: float | None = None) -> MemoryPlan:
@@ -268,7 +260,9 @@ def plan_memory(cfg: Config, location: str, lengths: list[int], *, device: torch
         activations += 2.0 * rows * text.num_attention_heads * row * row * act_bytes * layers_held
     vocab = model.get_output_embeddings().weight.shape[0]
     logit_positions = step_tokens if not t.trained_logits_only else step_tokens // 2  # ~half are trained, typically
-    fused_head = t.fused_kernels and t.trained_logits_only and _head_node_runs(model)
+    from .kernels.head_loss import head_node_runs  # the check training makes (trained_token_loss)
+
+    fused_head = t.fused_kernels and t.trained_logits_only and head_node_runs(model)
     head = min(HEAD_CHUNK_BYTES, 3.0 * 4 * logit_positions * vocab) if fused_head else 3.0 * 4 * logit_positions * vocab
     parts = {"process": process, "weights": weights, "LoRA + AdamW": trainable, "packed weights": packed_copies,
              "k-bit buffers": buffers, "activations": activations, "head logits": head}

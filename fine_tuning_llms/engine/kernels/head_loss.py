@@ -93,6 +93,12 @@ def head_node_reproduces(lm: torch.nn.Module) -> bool:
             and head.weight.dtype.is_floating_point)
 
 
+def head_node_runs(lm: torch.nn.Module) -> bool:
+    """Whether training this causal LM (a meta-device copy works too) takes the head node, its head
+    frozen: the node reproduces it and the installed libraries are the tested releases."""
+    return head_node_reproduces(lm) and not untested_versions()
+
+
 def head_for_fused_loss(model: torch.nn.Module):
     """(decoder, head weight) of a PEFT-wrapped or plain causal LM whose head this node reproduces
     (``HEAD_CLASSES``: a bias-free frozen Linear, no logit scaling or soft-capping in force), else None.
@@ -100,7 +106,7 @@ def head_for_fused_loss(model: torch.nn.Module):
     An exact class check: a subclass may make its logits some other way (scaling, soft-capping), so
     it keeps its own path; so does every model outside the tested releases."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not head_node_reproduces(lm) or untested_versions():
+    if not head_node_runs(lm):
         return None
     head = lm.get_output_embeddings()
     if head.weight.requires_grad:
